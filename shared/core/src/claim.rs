@@ -1,0 +1,1 @@
+//! Claim decision (spec §3.4).
