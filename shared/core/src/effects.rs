@@ -228,3 +228,106 @@ fn finish_update(run: &mut AutomationV2RunRecord, now: Millis) {
         run.finished_at_ms = Some(now);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AutomationFlowNode, AutomationV2Spec, ExecutionProfile};
+
+    fn run() -> AutomationV2RunRecord {
+        let spec = AutomationV2Spec::new("a", vec![AutomationFlowNode::task("n", &[])]);
+        AutomationV2RunRecord::new_queued("r".into(), &spec, "manual", ExecutionProfile::Guided, 10)
+    }
+
+    #[test]
+    fn case_54_lifecycle_metadata_carries_effective_profile_when_absent() {
+        let r = lifecycle_record("run_paused", None, None, None, "guided", 5);
+        assert_eq!(r.metadata, Some(json!({"effective_execution_profile": "guided"})));
+        assert_eq!(r.recorded_at_ms, 5);
+    }
+
+    #[test]
+    fn case_54_lifecycle_metadata_does_not_overwrite_existing_profile_key() {
+        let given = json!({"effective_execution_profile": "yolo"});
+        let r = lifecycle_record("e", None, None, Some(given.clone()), "strict", 5);
+        assert_eq!(r.metadata, Some(given));
+    }
+
+    #[test]
+    fn case_54_lifecycle_metadata_merges_into_existing_object_and_wraps_non_objects() {
+        let r = lifecycle_record("e", None, None, Some(json!({"node_id": "x"})), "strict", 5);
+        assert_eq!(
+            r.metadata,
+            Some(json!({"node_id": "x", "effective_execution_profile": "strict"}))
+        );
+        let r = lifecycle_record("e", None, None, Some(json!(7)), "strict", 5);
+        assert_eq!(
+            r.metadata,
+            Some(json!({"value": 7, "effective_execution_profile": "strict"}))
+        );
+    }
+
+    #[test]
+    fn no_op_update_changes_nothing_and_reports_unchanged() {
+        let mut r = run();
+        let before = r.clone();
+        let t = update(&mut r, 99, |_, _| 42);
+        assert_eq!(t.outcome, 42);
+        assert!(!t.changed);
+        assert!(t.effects.is_empty());
+        assert_eq!(r, before, "updated_at_ms is not bumped by a no-op");
+    }
+
+    #[test]
+    fn changing_update_runs_hooks() {
+        let mut r = run();
+        r.scheduler = Some(crate::model::SchedulerMetadata {
+            tenant_context: Default::default(),
+            queue_reason: None,
+            resource_key: None,
+            rate_limited_provider: None,
+            queued_at_ms: 1,
+        });
+        let t = update(&mut r, 99, |run, fx| {
+            run.status = AutomationRunStatus::Failed;
+            fx.lifecycle(run, "run_failed_shutdown", None, Some(AutomationStopKind::Shutdown), None, 99);
+        });
+        assert!(t.changed);
+        assert_eq!(r.updated_at_ms, 99);
+        assert_eq!(r.finished_at_ms, Some(99), "terminal status sets finished_at_ms");
+        assert!(r.scheduler.is_none(), "scheduler metadata cleared outside queued");
+        assert_eq!(t.effects.lifecycle.len(), 1);
+        assert_eq!(r.checkpoint.lifecycle_history, t.effects.lifecycle);
+        // finished_at_ms is set once.
+        update(&mut r, 150, |run, _| run.detail = Some("x".into()));
+        assert_eq!(r.finished_at_ms, Some(99));
+    }
+
+    #[test]
+    fn internal_sweep_payload_has_upstream_keys() {
+        let mut r = run();
+        r.status = AutomationRunStatus::Cancelled;
+        r.stop_kind = Some(AutomationStopKind::Cancelled);
+        let p = internal_sweep_audit_payload(&r, "sweep_x", "outcome_y", Some("why"), json!({"k": 1}));
+        assert_eq!(
+            p,
+            json!({
+                "source": "automation_v2_internal_sweep",
+                "sweep": "sweep_x",
+                "actor": {"type": "system", "id": "tandem-server", "component": "automation_v2_sweeper"},
+                "run_id": "r", "runID": "r",
+                "automation_id": "a", "automationID": "a",
+                "status": "cancelled",
+                "stop_kind": "cancelled",
+                "reason": "why",
+                "tenantContext": {"org_id": "local", "workspace_id": "local", "source": "local_implicit"},
+                "outcome": "outcome_y",
+                "metadata": {"k": 1}
+            })
+        );
+        let keys: Vec<&String> = p.as_object().expect("obj").keys().collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "payload keys serialize alphabetically");
+    }
+}
