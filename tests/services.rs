@@ -1,1 +1,449 @@
+//! The service binaries as separate processes against the real PostgreSQL and NATS: each starts,
+//! reports ready, serves /healthz /readyz /metrics and exits 0 on SIGTERM; a service refuses an
+//! unmigrated database and an invalid lifecycle setting; `tandemctl migrate` is idempotent.
+//!
+//! The binaries are built once per test process with `cargo build --workspace --bins` into the
+//! target directory of this test executable (`cargo test` alone only builds a package's own
+//! binaries). Set `TANDEM_TEST_BIN_DIR` to test binaries built elsewhere (e.g. a release build).
 
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use tandem_tests::{TestDb, nats_url, unique};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    process::{Child, Command},
+};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The directory holding the service binaries, built on first use.
+fn bin_dir() -> anyhow::Result<&'static Path> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| build_binaries().map_err(|e| format!("{e:#}")))
+        .as_deref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn build_binaries() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("TANDEM_TEST_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    // target/<profile>/deps/services-<hash> → target/<profile>
+    let exe = std::env::current_exe().context("current_exe")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable is not under target/<profile>/deps")?
+        .to_path_buf();
+    let target_dir = profile_dir
+        .parent()
+        .context("no target directory above the profile directory")?;
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_owned(),
+        Some(other) => other.to_owned(),
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--workspace",
+            "--bins",
+            "--quiet",
+            "--profile",
+            &profile,
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .status()
+        .context("running cargo build --workspace --bins")?;
+    ensure!(
+        status.success(),
+        "cargo build --workspace --bins failed: {status}"
+    );
+    Ok(profile_dir)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A service process with its stderr captured in a file.
+struct Proc {
+    name: String,
+    child: Child,
+    stderr_path: PathBuf,
+    stdout_path: PathBuf,
+}
+
+impl Proc {
+    /// Starts `bin` with a clean environment plus `env`.
+    fn start(bin: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let path = bin_dir()?.join(bin);
+        ensure!(path.exists(), "{} is missing", path.display());
+        let tag = unique(bin);
+        let stderr_path = std::env::temp_dir().join(format!("{tag}.stderr"));
+        let stdout_path = std::env::temp_dir().join(format!("{tag}.stdout"));
+        let mut cmd = Command::new(&path);
+        cmd.args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout_path)?)
+            .stderr(std::fs::File::create(&stderr_path)?)
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", path.display()))?;
+        Ok(Self {
+            name: bin.to_owned(),
+            child,
+            stderr_path,
+            stdout_path,
+        })
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
+    fn sigterm(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("process already reaped")?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("running kill")?;
+        ensure!(status.success(), "kill -TERM {pid} failed");
+        Ok(())
+    }
+
+    async fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                bail!(
+                    "{} did not exit within {timeout:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                )
+            }
+        }
+    }
+
+    /// Polls `GET path` until it answers `want`; fails early if the process exits.
+    async fn wait_for_status(
+        &mut self,
+        port: u16,
+        path: &str,
+        want: u16,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited with {status} before {path} answered {want}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            match http_get(port, path).await {
+                Ok((code, body)) if code == want => return Ok(body),
+                Ok((code, body)) => last = format!("{code} {body}"),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "{} {path} did not answer {want} within {READY_TIMEOUT:?} (last: {last}); stderr:\n{}",
+            self.name,
+            self.stderr()
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.stderr_path);
+        let _ = std::fs::remove_file(&self.stdout_path);
+    }
+}
+
+/// A minimal HTTP/1.1 GET: (status code, body).
+async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut raw)).await??;
+    let code = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP response: {raw:?}"))?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Removes the streams a test prefix created.
+async fn delete_streams(prefix: &str) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats_url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let prefix = tandem_bus::Prefix::new(prefix)?;
+    for name in tandem_bus::StreamNames::new(&prefix).all() {
+        // Absent when the service never got that far.
+        let _ = js.delete_stream(name).await;
+    }
+    Ok(())
+}
+
+fn base_env(db_url: &str, prefix: &str, health_port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("TANDEM_DATABASE_URL", db_url.to_owned()),
+        ("TANDEM_NATS_URL", nats_url()),
+        ("TANDEM_NATS_PREFIX", prefix.to_owned()),
+        ("TANDEM_HEALTH_ADDR", format!("127.0.0.1:{health_port}")),
+    ]
+}
+
+/// Start against a fresh migrated database, wait for ready, check the endpoints, SIGTERM, exit 0.
+async fn lifecycle(bin: &str) -> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    drop(pool);
+    let prefix = unique("t");
+    let port = free_port()?;
+    let mut env = base_env(&db.url, &prefix, port);
+    let api_port = free_port()?;
+    if bin == "tandem-api" {
+        env.push(("TANDEM_API_ADDR", format!("127.0.0.1:{api_port}")));
+    }
+    let result = async {
+        let mut svc = Proc::start(bin, &[], &env)?;
+        let body = svc.wait_for_status(port, "/readyz", 200).await?;
+        ensure!(body.contains("\"status\":\"ready\""), "readyz body: {body}");
+        let (code, _) = http_get(port, "/healthz").await?;
+        ensure!(code == 200, "/healthz answered {code}");
+        let (code, metrics) = http_get(port, "/metrics").await?;
+        ensure!(code == 200, "/metrics answered {code}");
+        ensure!(metrics.contains("tandem_ready"), "metrics: {metrics}");
+        if bin == "tandem-api" {
+            svc.wait_for_status(api_port, "/readyz", 200).await?;
+        }
+        ensure!(
+            svc.stderr().contains("ready"),
+            "no ready log line:\n{}",
+            svc.stderr()
+        );
+        svc.sigterm()?;
+        let status = svc.wait(EXIT_TIMEOUT).await?;
+        ensure!(
+            status.success(),
+            "{bin} exited with {status} after SIGTERM; stderr:\n{}",
+            svc.stderr()
+        );
+        Ok(())
+    }
+    .await;
+    delete_streams(&prefix).await?;
+    result?;
+    db.drop_db().await
+}
+
+#[tokio::test]
+async fn api_starts_ready_and_stops_on_sigterm() -> anyhow::Result<()> {
+    lifecycle("tandem-api").await
+}
+
+#[tokio::test]
+async fn scheduler_starts_ready_and_stops_on_sigterm() -> anyhow::Result<()> {
+    lifecycle("tandem-scheduler").await
+}
+
+#[tokio::test]
+async fn sweeper_starts_ready_and_stops_on_sigterm() -> anyhow::Result<()> {
+    lifecycle("tandem-sweeper").await
+}
+
+#[tokio::test]
+async fn gate_notifier_starts_ready_and_stops_on_sigterm() -> anyhow::Result<()> {
+    lifecycle("tandem-gate-notifier").await
+}
+
+#[tokio::test]
+async fn worker_starts_ready_and_stops_on_sigterm() -> anyhow::Result<()> {
+    lifecycle("tandem-worker").await
+}
+
+#[tokio::test]
+async fn service_refuses_an_unmigrated_database() -> anyhow::Result<()> {
+    let db = TestDb::empty().await?;
+    let prefix = unique("t");
+    let env = base_env(&db.url, &prefix, free_port()?);
+    let mut svc = Proc::start("tandem-scheduler", &[], &env)?;
+    let status = svc.wait(EXIT_TIMEOUT).await?;
+    let stderr = svc.stderr();
+    ensure!(
+        !status.success(),
+        "started on an unmigrated database:\n{stderr}"
+    );
+    ensure!(stderr.contains("tandemctl migrate"), "stderr:\n{stderr}");
+    delete_streams(&prefix).await?;
+    db.drop_db().await
+}
+
+#[tokio::test]
+async fn invalid_lifecycle_setting_stops_startup_naming_the_variable() -> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    drop(pool);
+    let prefix = unique("t");
+    let mut env = base_env(&db.url, &prefix, free_port()?);
+    env.push(("TANDEM_APPROVAL_GATE_DEFAULT_ON_EXPIRY", "explode".into()));
+    let mut svc = Proc::start("tandem-gate-notifier", &[], &env)?;
+    let status = svc.wait(EXIT_TIMEOUT).await?;
+    let stderr = svc.stderr();
+    ensure!(status.code() == Some(2), "exit {status}; stderr:\n{stderr}");
+    ensure!(
+        stderr.contains("TANDEM_APPROVAL_GATE_DEFAULT_ON_EXPIRY") && stderr.contains("explode"),
+        "stderr:\n{stderr}"
+    );
+    db.drop_db().await
+}
+
+#[tokio::test]
+async fn service_waits_for_nats_and_stops_cleanly_meanwhile() -> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    drop(pool);
+    let port = free_port()?;
+    let closed = free_port()?; // nothing listens there
+    let mut env = base_env(&db.url, &unique("t"), port);
+    env.retain(|(k, _)| *k != "TANDEM_NATS_URL");
+    env.push(("TANDEM_NATS_URL", format!("nats://127.0.0.1:{closed}")));
+    let mut svc = Proc::start("tandem-sweeper", &[], &env)?;
+    svc.wait_for_status(port, "/healthz", 200).await?;
+    let body = svc.wait_for_status(port, "/readyz", 503).await?;
+    ensure!(body.contains("nats"), "readyz body: {body}");
+    // Give it time to log at least one retry.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !svc.stderr().contains("retrying") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        svc.stderr().contains("retrying"),
+        "stderr:\n{}",
+        svc.stderr()
+    );
+    svc.sigterm()?;
+    let status = svc.wait(EXIT_TIMEOUT).await?;
+    ensure!(status.success(), "exit {status}; stderr:\n{}", svc.stderr());
+    db.drop_db().await
+}
+
+#[tokio::test]
+async fn help_documents_the_environment() -> anyhow::Result<()> {
+    for bin in [
+        "tandem-api",
+        "tandem-scheduler",
+        "tandem-sweeper",
+        "tandem-gate-notifier",
+        "tandem-worker",
+    ] {
+        let mut p = Proc::start(bin, &["--help"], &[])?;
+        let status = p.wait(EXIT_TIMEOUT).await?;
+        let out = p.stdout();
+        ensure!(status.success(), "{bin} --help: {status}");
+        for var in [
+            "TANDEM_DATABASE_URL",
+            "TANDEM_NATS_URL",
+            "TANDEM_HEALTH_ADDR",
+        ] {
+            ensure!(out.contains(var), "{bin} --help lacks {var}:\n{out}");
+        }
+    }
+    let mut p = Proc::start("tandemctl", &["--help"], &[])?;
+    ensure!(p.wait(EXIT_TIMEOUT).await?.success(), "tandemctl --help");
+    ensure!(p.stdout().contains("migrate"), "{}", p.stdout());
+    Ok(())
+}
+
+async fn tandemctl(db_url: &str, args: &[&str]) -> anyhow::Result<(ExitStatus, String, String)> {
+    let mut p = Proc::start(
+        "tandemctl",
+        args,
+        &[("TANDEM_DATABASE_URL", db_url.to_owned())],
+    )?;
+    let status = p.wait(Duration::from_secs(60)).await?;
+    Ok((status, p.stdout(), p.stderr()))
+}
+
+#[tokio::test]
+async fn tandemctl_migrate_applies_once() -> anyhow::Result<()> {
+    let db = TestDb::empty().await?;
+    let (status, out, _) = tandemctl(&db.url, &["schema"]).await?;
+    ensure!(
+        !status.success(),
+        "schema on an empty database must fail: {out}"
+    );
+    ensure!(out.contains("tandemctl migrate"), "{out}");
+
+    let (status, out, err) = tandemctl(&db.url, &["migrate"]).await?;
+    ensure!(status.success(), "first migrate: {status}\n{out}\n{err}");
+    ensure!(
+        out.contains("applied V1__"),
+        "first migrate printed:\n{out}"
+    );
+
+    let (status, out, err) = tandemctl(&db.url, &["migrate"]).await?;
+    ensure!(status.success(), "second migrate: {status}\n{out}\n{err}");
+    ensure!(
+        out.contains("nothing to apply"),
+        "second migrate printed:\n{out}"
+    );
+    ensure!(
+        !out.contains("applied V"),
+        "second migrate applied something:\n{out}"
+    );
+
+    let (status, out, _) = tandemctl(&db.url, &["schema"]).await?;
+    ensure!(status.success() && out.contains("status: current"), "{out}");
+    db.drop_db().await
+}
+
+#[tokio::test]
+async fn tandemctl_migrate_creates_a_missing_database() -> anyhow::Result<()> {
+    let name = unique("tandem_test");
+    let url = tandem_tests::url_with_db(&tandem_tests::admin_url(), &name);
+    let db = TestDb { name, url };
+    let result = async {
+        let (status, out, err) = tandemctl(&db.url, &["migrate"]).await?;
+        ensure!(status.success(), "{status}\n{out}\n{err}");
+        ensure!(
+            out.contains("created database") && out.contains("applied V1__"),
+            "{out}"
+        );
+        Ok(())
+    }
+    .await;
+    db.drop_db().await?;
+    result
+}

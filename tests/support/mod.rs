@@ -83,7 +83,10 @@ impl TestDb {
         let (client, conn) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         client
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
             .await?;
         Ok(())
     }

@@ -1,1 +1,35 @@
-fn main() {}
+//! `tandem-gate-notifier`: Applies approval gate policies (expire, escalate, remind), marks stale
+//! gates and publishes gate events.
+//!
+//! The gate policy loop arrives with the gate-notifier issue. Until then the binary runs the shared
+//! service lifecycle only: configuration checks, Postgres and NATS with retry, schema check,
+//! JetStream streams, health/readiness/metrics on `TANDEM_HEALTH_ADDR` (default `127.0.0.1:39743`),
+//! and a clean exit on SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tandem_runtime::{CommonArgs, ServiceInfo};
+
+const INFO: ServiceInfo = ServiceInfo {
+    name: "tandem-gate-notifier",
+    default_health_port: 39743,
+    version: env!("CARGO_PKG_VERSION"),
+};
+
+/// Applies approval gate policies (expire, escalate, remind), marks stale gates and publishes gate events.
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli: Cli = tandem_runtime::parse_cli(&INFO);
+    tandem_runtime::run(INFO, cli.common, |ctx| async move {
+        ctx.shutdown.wait().await;
+        Ok(())
+    })
+    .await
+}

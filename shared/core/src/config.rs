@@ -257,17 +257,21 @@ mod tests {
 
     #[test]
     fn invalid_values_name_the_variable() {
-        let e = settings(&[("TANDEM_APPROVAL_GATE_DEFAULT_ON_EXPIRY", "explode")]).unwrap_err();
+        let e = settings(&[("TANDEM_APPROVAL_GATE_DEFAULT_ON_EXPIRY", "explode")])
+            .expect_err("invalid value");
         assert_eq!(e.var, "TANDEM_APPROVAL_GATE_DEFAULT_ON_EXPIRY");
         assert!(
             e.to_string()
                 .contains("TANDEM_APPROVAL_GATE_DEFAULT_ON_EXPIRY")
         );
-        let e = settings(&[("TANDEM_APPROVAL_GATE_DEFAULT_EXPIRES_AFTER_MS", "7d")]).unwrap_err();
+        let e = settings(&[("TANDEM_APPROVAL_GATE_DEFAULT_EXPIRES_AFTER_MS", "7d")])
+            .expect_err("invalid value");
         assert_eq!(e.var, "TANDEM_APPROVAL_GATE_DEFAULT_EXPIRES_AFTER_MS");
-        let e = settings(&[("TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS", "0")]).unwrap_err();
+        let e =
+            settings(&[("TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS", "0")]).expect_err("invalid value");
         assert_eq!(e.var, "TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS");
-        let e = settings(&[("TANDEM_STALE_AUTO_RESUME_WINDOW_MS", "-1")]).unwrap_err();
+        let e =
+            settings(&[("TANDEM_STALE_AUTO_RESUME_WINDOW_MS", "-1")]).expect_err("invalid value");
         assert_eq!(e.var, "TANDEM_STALE_AUTO_RESUME_WINDOW_MS");
     }
 

@@ -242,7 +242,10 @@ mod tests {
     #[test]
     fn case_54_lifecycle_metadata_carries_effective_profile_when_absent() {
         let r = lifecycle_record("run_paused", None, None, None, "guided", 5);
-        assert_eq!(r.metadata, Some(json!({"effective_execution_profile": "guided"})));
+        assert_eq!(
+            r.metadata,
+            Some(json!({"effective_execution_profile": "guided"}))
+        );
         assert_eq!(r.recorded_at_ms, 5);
     }
 
@@ -290,12 +293,26 @@ mod tests {
         });
         let t = update(&mut r, 99, |run, fx| {
             run.status = AutomationRunStatus::Failed;
-            fx.lifecycle(run, "run_failed_shutdown", None, Some(AutomationStopKind::Shutdown), None, 99);
+            fx.lifecycle(
+                run,
+                "run_failed_shutdown",
+                None,
+                Some(AutomationStopKind::Shutdown),
+                None,
+                99,
+            );
         });
         assert!(t.changed);
         assert_eq!(r.updated_at_ms, 99);
-        assert_eq!(r.finished_at_ms, Some(99), "terminal status sets finished_at_ms");
-        assert!(r.scheduler.is_none(), "scheduler metadata cleared outside queued");
+        assert_eq!(
+            r.finished_at_ms,
+            Some(99),
+            "terminal status sets finished_at_ms"
+        );
+        assert!(
+            r.scheduler.is_none(),
+            "scheduler metadata cleared outside queued"
+        );
         assert_eq!(t.effects.lifecycle.len(), 1);
         assert_eq!(r.checkpoint.lifecycle_history, t.effects.lifecycle);
         // finished_at_ms is set once.
@@ -308,7 +325,8 @@ mod tests {
         let mut r = run();
         r.status = AutomationRunStatus::Cancelled;
         r.stop_kind = Some(AutomationStopKind::Cancelled);
-        let p = internal_sweep_audit_payload(&r, "sweep_x", "outcome_y", Some("why"), json!({"k": 1}));
+        let p =
+            internal_sweep_audit_payload(&r, "sweep_x", "outcome_y", Some("why"), json!({"k": 1}));
         assert_eq!(
             p,
             json!({

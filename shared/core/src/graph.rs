@@ -229,7 +229,9 @@ mod tests {
         assert!(!n.is_approval());
         n.gate = Some(Default::default());
         assert!(!n.is_approval());
-        n.gate.as_mut().map(|g| g.required = true);
+        if let Some(g) = n.gate.as_mut() {
+            g.required = true;
+        }
         assert!(n.is_approval());
     }
 
@@ -239,21 +241,26 @@ mod tests {
         assert!(validate_flow(&ok).is_ok());
         let dup = AutomationV2Spec::new("d", vec![N::task("a", &[]), N::task("a", &[])]);
         assert_eq!(
-            validate_flow(&dup).unwrap_err().path,
+            validate_flow(&dup).expect_err("invalid flow").path,
             "flow.nodes[1].node_id"
         );
         let unknown = AutomationV2Spec::new("u", vec![N::task("a", &["zz"])]);
         assert_eq!(
-            validate_flow(&unknown).unwrap_err().path,
+            validate_flow(&unknown).expect_err("invalid flow").path,
             "flow.nodes[0].depends_on[0]"
         );
         let cyc = AutomationV2Spec::new("c", vec![N::task("a", &["b"]), N::task("b", &["a"])]);
-        assert!(validate_flow(&cyc).unwrap_err().message.contains("cycle"));
+        assert!(
+            validate_flow(&cyc)
+                .expect_err("invalid flow")
+                .message
+                .contains("cycle")
+        );
         let mut gateless = N::task("g", &[]);
         gateless.stage_kind = Some(crate::model::StageKind::Approval);
         let spec = AutomationV2Spec::new("g", vec![gateless]);
         assert_eq!(
-            validate_flow(&spec).unwrap_err().message,
+            validate_flow(&spec).expect_err("invalid flow").message,
             "approval node missing gate config"
         );
     }

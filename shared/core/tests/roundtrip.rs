@@ -31,15 +31,33 @@ fn minimal_record_takes_upstream_defaults_and_omits_nones() {
         "checkpoint": {}
     });
     let run: AutomationV2RunRecord = serde_json::from_value(minimal).expect("parses");
-    assert!(run.tenant_context.is_local_implicit(), "tenant defaults to local-implicit");
+    assert!(
+        run.tenant_context.is_local_implicit(),
+        "tenant defaults to local-implicit"
+    );
     assert_eq!(run.effective_execution_profile, ExecutionProfile::Strict);
     assert_eq!(run.estimated_cost_usd, 0.0);
     let out = serde_json::to_value(&run).expect("serializes");
     let obj = out.as_object().expect("object");
-    for omitted in ["started_at_ms", "finished_at_ms", "detail", "stop_kind", "scheduler", "awaiting_gate"] {
-        assert!(!obj.contains_key(omitted), "{omitted} must be omitted, not null");
+    for omitted in [
+        "started_at_ms",
+        "finished_at_ms",
+        "detail",
+        "stop_kind",
+        "scheduler",
+        "awaiting_gate",
+    ] {
+        assert!(
+            !obj.contains_key(omitted),
+            "{omitted} must be omitted, not null"
+        );
     }
-    assert!(!out["checkpoint"].as_object().expect("cp").contains_key("awaiting_gate"));
+    assert!(
+        !out["checkpoint"]
+            .as_object()
+            .expect("cp")
+            .contains_key("awaiting_gate")
+    );
     assert_eq!(out["checkpoint"]["gate_history"], json!([]));
     assert_eq!(out["tenant_context"]["source"], "local_implicit");
 }

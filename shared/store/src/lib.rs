@@ -1,1 +1,42 @@
-//! placeholder
+//! PostgreSQL store for Tandem Fleet: embedded migrations, fenced run transitions persisted with
+//! their lifecycle, audit and outbox effects in one transaction, the audit chain and governance.
+//!
+//! PostgreSQL is the only source of truth. Every function takes a [`Pool`]; every decision is
+//! made by `tandem-core` on rows locked here, against the database clock.
+
+mod audit;
+mod automations;
+mod convert;
+mod error;
+mod governance;
+mod migrate;
+mod outbox;
+mod pool;
+mod runs;
+mod transition;
+mod types;
+
+pub use audit::{MAX_LINK_BATCH, audit_record_hash, link_audit_chain, verify_audit_chain};
+pub use automations::{get_automation, insert_automation, list_automations, upsert_automation};
+pub use error::StoreError;
+pub use governance::{
+    NewQuotaOverride, QuotaOverrideStatus, SpendCap, governance_snapshot, insert_quota_override,
+    list_spend_caps, pause_agent_spend, resume_agent_spend, set_quota_override_status,
+    upsert_spend_cap,
+};
+pub use migrate::{
+    MIGRATIONS, Migration, MigrationReport, check_schema, latest_version, migrate, schema_version,
+};
+pub use outbox::{OutboxRow, engine_event, mark_outbox_published, outbox_rows, unpublished_outbox};
+pub use pool::{connect, connect_with_size};
+pub use runs::{
+    CLAIM_QUEUED_SQL, claim_queued, create_run, get_run, get_stored_run, list_runs_by_status,
+    next_action_at, next_gate_action_at, touch_activity,
+};
+pub use transition::{
+    BatchItem, MAX_BATCH, Sweep, sweep_select_sql, transition_batch, transition_run,
+    try_transition_run,
+};
+pub use types::{Applied, Fence, LeaseEpoch, StoreSettings, StoredRun, TransitionEnv};
+
+pub use deadpool_postgres::Pool;
