@@ -49,11 +49,20 @@ pub struct Effects {
     pub lifecycle: Vec<AutomationLifecycleRecord>,
     pub audit: Vec<AuditDraft>,
     pub events: Vec<EventDraft>,
+    /// Node attempts to dispatch to workers, through the outbox (`tandem.tasks.<queue>`).
+    pub tasks: Vec<crate::protocol::TaskMessage>,
+    /// Runs whose in-flight tasks workers must abandon (`tandem.control.cancel.<run_id>`, core
+    /// NATS, sent after commit; best effort, results are fenced anyway).
+    pub cancel_tasks_of: Vec<String>,
 }
 
 impl Effects {
     pub fn is_empty(&self) -> bool {
-        self.lifecycle.is_empty() && self.audit.is_empty() && self.events.is_empty()
+        self.lifecycle.is_empty()
+            && self.audit.is_empty()
+            && self.events.is_empty()
+            && self.tasks.is_empty()
+            && self.cancel_tasks_of.is_empty()
     }
 
     /// The lifecycle writer (`record_automation_lifecycle_event_with_metadata`, spec §1.9):

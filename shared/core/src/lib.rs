@@ -13,6 +13,7 @@ pub mod governance;
 pub mod graph;
 pub mod model;
 pub mod policy;
+pub mod protocol;
 pub mod sweeps;
 
 pub use effects::{AuditDraft, Effects, EventDraft, Transition, update};
