@@ -5,6 +5,8 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`); `TANDEM_TEST_NATS_URL` the NATS server (default
 //! `nats://127.0.0.1:4222`).
 
+pub mod procs;
+
 use anyhow::Context as _;
 use deadpool_postgres::Pool;
 
