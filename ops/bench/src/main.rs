@@ -1,0 +1,343 @@
+//! `cargo run --release -p tandem-bench -- scheduler`: measures the scheduler and workers as
+//! separate processes against the real PostgreSQL and NATS of this machine, and prints one JSON
+//! object per figure, plus the raw PostgreSQL claim+complete limit (`ops/bench/pg-limit`) measured
+//! in the same run so every figure can be read as a ratio to this machine's limit.
+//!
+//! Figures:
+//! * `burn_down`: 100k queued one-task runs claimed by 1 and by 2 scheduler replicas (runs/s
+//!   from the first claim to the last, no workers, capacity unbounded).
+//! * `end_to_end`: one-task no-op runs completed per second with 2 workers.
+//! * `enqueue_to_claim`: enqueue → claimed latency (p50/p99) at a steady enqueue rate.
+//! * peak RSS (`VmHWM`) of every process.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use tandem_core::{
+    AutomationFlowNode, AutomationV2RunRecord, AutomationV2Spec, Effects, ExecutionProfile,
+    config::GatePolicyDefaults,
+};
+use tandem_store::StoreSettings;
+use tandem_tests::procs::{Proc, delete_streams, free_port};
+use tandem_tests::{TestDb, nats_url, unique};
+
+#[derive(Parser)]
+#[command(about = "Tandem Fleet benchmarks; figures are printed as JSON lines")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Scheduler claim burn-down, end-to-end runs/s, enqueue→claim latency, RSS, pg limit.
+    Scheduler {
+        /// Runs in each burn-down.
+        #[arg(long, default_value_t = 100_000)]
+        runs: usize,
+        /// Runs in the end-to-end measurement.
+        #[arg(long, default_value_t = 20_000)]
+        e2e_runs: usize,
+        /// Steady enqueue rate (runs/s) for the latency measurement.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        /// Seconds of steady enqueueing.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().bench {
+        Bench::Scheduler {
+            runs,
+            e2e_runs,
+            rate,
+            seconds,
+        } => scheduler(runs, e2e_runs, rate, seconds).await,
+    }
+}
+
+fn emit(v: Value) {
+    println!("{v}");
+}
+
+fn noop_spec() -> AutomationV2Spec {
+    let mut n = AutomationFlowNode::task("work", &[]);
+    n.metadata = Some(json!({"worker": {"handler": "noop"}}));
+    AutomationV2Spec::new("bench-noop", vec![n])
+}
+
+/// Inserts `n` queued one-task runs in bulk (one template row copied by SQL).
+async fn enqueue_bulk(pool: &deadpool_postgres::Pool, tag: &str, n: usize) -> anyhow::Result<()> {
+    let settings = StoreSettings::new(GatePolicyDefaults::default());
+    let template_id = format!("{tag}-template");
+    let run = AutomationV2RunRecord::new_queued(
+        template_id.clone(),
+        &noop_spec(),
+        "manual",
+        ExecutionProfile::Strict,
+        0,
+    );
+    tandem_store::create_run(pool, &run, &Effects::default(), &settings).await?;
+    let client = pool.get().await?;
+    client
+        .execute(
+            "INSERT INTO runs (run_id, automation_id, org_id, workspace_id, status, lease_epoch,
+                               workspace_root, created_at_ms, updated_at_ms, activity_at_ms,
+                               next_action_at_ms, stop_kind, doc)
+             SELECT $2 || '-' || g, automation_id, org_id, workspace_id, 'queued', 0, NULL,
+                    created_at_ms + g, updated_at_ms, activity_at_ms, NULL, NULL,
+                    jsonb_set(doc, '{run_id}', to_jsonb($2 || '-' || g))
+               FROM runs, generate_series(1, $3::int) g
+              WHERE run_id = $1",
+            &[&template_id, &tag, &(n as i32)],
+        )
+        .await?;
+    client
+        .execute("DELETE FROM runs WHERE run_id = $1", &[&template_id])
+        .await?;
+    client.batch_execute("ANALYZE runs").await?;
+    Ok(())
+}
+
+async fn count(pool: &deadpool_postgres::Pool, sql: &str) -> anyhow::Result<i64> {
+    Ok(pool.get().await?.query_one(sql, &[]).await?.get(0))
+}
+
+/// Peak resident set size of a process, in MiB.
+fn peak_rss_mib(p: &Proc) -> Option<f64> {
+    let pid = p.child.id()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+struct Fleet {
+    procs: Vec<Proc>,
+}
+
+impl Fleet {
+    async fn start(
+        db_url: &str,
+        prefix: &str,
+        schedulers: usize,
+        workers: usize,
+        capacity: u64,
+    ) -> anyhow::Result<Self> {
+        let mut procs = Vec::new();
+        for (bin, n) in [("tandem-scheduler", schedulers), ("tandem-worker", workers)] {
+            for _ in 0..n {
+                let port = free_port()?;
+                let env = vec![
+                    ("TANDEM_DATABASE_URL", db_url.to_owned()),
+                    ("TANDEM_NATS_URL", nats_url()),
+                    ("TANDEM_NATS_PREFIX", prefix.to_owned()),
+                    ("TANDEM_HEALTH_ADDR", format!("127.0.0.1:{port}")),
+                    ("TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS", capacity.to_string()),
+                    ("TANDEM_WORKER_CONCURRENCY", "64".into()),
+                    ("RUST_LOG", "warn".into()),
+                ];
+                let mut p = Proc::start(bin, &[], &env)?;
+                p.wait_for_status(port, "/readyz", 200).await?;
+                procs.push(p);
+            }
+        }
+        Ok(Self { procs })
+    }
+
+    fn rss(&self) -> Value {
+        Value::Array(
+            self.procs
+                .iter()
+                .map(|p| json!({"process": p.name, "peak_rss_mib": peak_rss_mib(p)}))
+                .collect(),
+        )
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        for mut p in self.procs {
+            p.sigterm()?;
+            p.wait(Duration::from_secs(30)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `sql` (a count) reaches `target`; returns the elapsed time.
+async fn wait_count(
+    pool: &deadpool_postgres::Pool,
+    sql: &str,
+    target: i64,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let n = count(pool, sql).await?;
+        if n >= target {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < limit,
+            "timed out: {n} of {target} after {limit:?} ({sql})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied()
+}
+
+async fn scheduler(runs: usize, e2e_runs: usize, rate: u64, seconds: u64) -> anyhow::Result<()> {
+    let limit = Duration::from_secs(600);
+
+    // 1. Raw PostgreSQL limit, same machine, same run.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/pg-limit");
+    for args in [
+        vec!["--seconds", "10"],
+        vec!["--seconds", "10", "--batch", "50", "--clients", "4"],
+    ] {
+        let out = tokio::process::Command::new("bash")
+            .arg(script)
+            .args(&args)
+            .output()
+            .await
+            .context("running ops/bench/pg-limit")?;
+        ensure!(
+            out.status.success(),
+            "pg-limit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    // 2. Burn-down with 1 and 2 replicas.
+    for replicas in [1usize, 2] {
+        let (db, pool) = TestDb::migrated().await?;
+        let prefix = unique("bench");
+        enqueue_bulk(&pool, "burn", runs).await?;
+        let fleet = Fleet::start(&db.url, &prefix, replicas, 0, 10_000_000).await?;
+        let took = wait_count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE status <> 'queued'",
+            runs as i64,
+            limit,
+        )
+        .await?;
+        emit(json!({
+            "bench": "burn_down",
+            "scheduler_replicas": replicas,
+            "runs": runs,
+            "seconds": took.as_secs_f64(),
+            "runs_per_s": runs as f64 / took.as_secs_f64(),
+            "rss": fleet.rss(),
+        }));
+        fleet.stop().await?;
+        drop(pool);
+        delete_streams(&prefix).await?;
+        db.drop_db().await?;
+    }
+
+    // 3. End to end with 2 workers.
+    {
+        let (db, pool) = TestDb::migrated().await?;
+        let prefix = unique("bench");
+        enqueue_bulk(&pool, "e2e", e2e_runs).await?;
+        let fleet = Fleet::start(&db.url, &prefix, 2, 2, 10_000_000).await?;
+        let took = wait_count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE status = 'completed'",
+            e2e_runs as i64,
+            limit,
+        )
+        .await?;
+        emit(json!({
+            "bench": "end_to_end",
+            "scheduler_replicas": 2,
+            "workers": 2,
+            "runs": e2e_runs,
+            "seconds": took.as_secs_f64(),
+            "runs_per_s": e2e_runs as f64 / took.as_secs_f64(),
+            "rss": fleet.rss(),
+        }));
+        fleet.stop().await?;
+        drop(pool);
+        delete_streams(&prefix).await?;
+        db.drop_db().await?;
+    }
+
+    // 4. Enqueue → claimed latency at a steady rate (2 replicas, 2 workers so runs finish).
+    {
+        let (db, pool) = TestDb::migrated().await?;
+        let prefix = unique("bench");
+        let fleet = Fleet::start(&db.url, &prefix, 2, 2, 10_000_000).await?;
+        let settings = StoreSettings::new(GatePolicyDefaults::default());
+        let spec = noop_spec();
+        let total = rate * seconds;
+        let tick = Duration::from_micros(1_000_000 / rate.max(1));
+        let started = Instant::now();
+        for i in 0..total {
+            let due = started + tick * (i as u32);
+            tokio::time::sleep_until(due.into()).await;
+            // The store stamps created_at_ms only from the record; use the database clock at
+            // insert via the activity column instead (set from now() on insert).
+            let run = AutomationV2RunRecord::new_queued(
+                format!("steady-{i}"),
+                &spec,
+                "manual",
+                ExecutionProfile::Strict,
+                0,
+            );
+            tandem_store::create_run(&pool, &run, &Effects::default(), &settings).await?;
+        }
+        let enqueue_s = started.elapsed().as_secs_f64();
+        wait_count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE status <> 'queued'",
+            total as i64,
+            limit,
+        )
+        .await?;
+        // activity_at_ms is stamped from now() at insert; started_at_ms from the DB clock at claim.
+        let rows = pool
+            .get()
+            .await?
+            .query(
+                "SELECT (doc->>'started_at_ms')::bigint - activity_at_ms FROM runs
+                  WHERE doc ? 'started_at_ms'",
+                &[],
+            )
+            .await?;
+        let mut lat: Vec<i64> = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
+        lat.sort_unstable();
+        emit(json!({
+            "bench": "enqueue_to_claim",
+            "target_rate_per_s": rate,
+            "achieved_rate_per_s": total as f64 / enqueue_s,
+            "runs": total,
+            "p50_ms": percentile(&lat, 0.50),
+            "p99_ms": percentile(&lat, 0.99),
+            "max_ms": lat.last(),
+            "rss": fleet.rss(),
+        }));
+        fleet.stop().await?;
+        drop(pool);
+        delete_streams(&prefix).await?;
+        db.drop_db().await?;
+    }
+    Ok(())
+}
