@@ -149,7 +149,8 @@ async fn migrate_is_idempotent_and_records_checksums() -> anyhow::Result<()> {
     let pool = db.pool()?;
     assert_eq!(tandem_store::schema_version(&pool).await?, 0);
     let first = tandem_store::migrate(&pool).await?;
-    assert_eq!(first.applied, vec![1]);
+    let all: Vec<i32> = tandem_store::MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(first.applied, all);
     assert_eq!(first.version, tandem_store::latest_version());
     let second = tandem_store::migrate(&pool).await?;
     assert!(second.applied.is_empty(), "second run applied {second:?}");
@@ -186,13 +187,18 @@ async fn concurrent_migrations_both_succeed_and_apply_once() -> anyhow::Result<(
     let (ra, rb) = (ra?, rb?);
     let mut applied = [ra.applied.clone(), rb.applied.clone()];
     applied.sort();
-    assert_eq!(applied, [vec![], vec![1]], "exactly one call applied V1");
+    let all: Vec<i32> = tandem_store::MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(
+        applied,
+        [vec![], all.clone()],
+        "exactly one call applied the migrations"
+    );
     let c = a.get().await?;
     let n: i64 = c
         .query_one("SELECT count(*) FROM tandem_schema_migrations", &[])
         .await?
         .get(0);
-    assert_eq!(n, 1);
+    assert_eq!(n, i64::try_from(all.len())?);
     tandem_store::check_schema(&b).await?;
     drop((c, a, b));
     db.drop_db().await

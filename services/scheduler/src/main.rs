@@ -1,15 +1,13 @@
-//! `tandem-scheduler`: Claims queued runs, dispatches their task nodes to workers, opens approval
-//! gates and applies task results.
-//!
-//! The claim and dispatch loops arrive with the scheduler issue. Until then the binary runs the
-//! shared service lifecycle only: configuration checks, Postgres and NATS with retry, schema check,
-//! JetStream streams, health/readiness/metrics on `TANDEM_HEALTH_ADDR` (default `127.0.0.1:39741`),
-//! and a clean exit on SIGTERM/SIGINT.
+//! `tandem-scheduler`: claims queued runs fleet-wide, dispatches their task nodes to workers,
+//! opens approval gates, applies task results and worker progress. See the library
+//! documentation (`tandem_scheduler`) for the loops; health/readiness/metrics are served on
+//! `TANDEM_HEALTH_ADDR` (default `127.0.0.1:39741`), and SIGTERM/SIGINT drains and exits 0.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use tandem_runtime::{CommonArgs, ServiceInfo};
+use tandem_scheduler::{Scheduler, SchedulerArgs};
 
 const INFO: ServiceInfo = ServiceInfo {
     name: "tandem-scheduler",
@@ -22,14 +20,24 @@ const INFO: ServiceInfo = ServiceInfo {
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
+    #[command(flatten)]
+    scheduler: SchedulerArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = tandem_runtime::parse_cli(&INFO);
+    let config = cli.scheduler.config();
     tandem_runtime::run(INFO, cli.common, |ctx| async move {
-        ctx.shutdown.wait().await;
-        Ok(())
+        let scheduler = Scheduler::new(
+            ctx.pool.clone(),
+            ctx.nats.clone(),
+            ctx.jetstream.clone(),
+            ctx.prefix.clone(),
+            config,
+            ctx.settings,
+        );
+        scheduler.run(ctx.shutdown.clone()).await
     })
     .await
 }

@@ -6,8 +6,10 @@
 //! | What | Subject | Stream |
 //! |---|---|---|
 //! | task dispatch | `tandem.tasks.<queue>` | `TANDEM_TASKS` (work queue) |
-//! | task results, progress | `tandem.results.<run_id>` | `TANDEM_RESULTS` (work queue) |
+//! | task results | `tandem.results.<run_id>` | `TANDEM_RESULTS` (work queue) |
 //! | gate and run events | `tandem.events.<org>.<workspace>.<event.type>` | `TANDEM_EVENTS` (limits, max age) |
+//! | dead letters | `tandem.deadletter.<kind>` (`tasks`, `results`) | `TANDEM_DEADLETTER` (limits, 30 days) |
+//! | worker heartbeats | `tandem.progress.<run_id>` | none (core NATS, best effort) |
 //! | scheduler wake-up | `tandem.wake.scheduler` | none (core NATS, a hint) |
 //! | gate-notifier wake-up | `tandem.wake.gates` | none (core NATS, a hint) |
 //! | cancel hint | `tandem.control.cancel.<run_id>` | none (core NATS, a hint) |
@@ -15,19 +17,23 @@
 //! KV buckets are deliberately not used: async-nats 0.51 cannot create them on nats-server 2.9.
 
 mod connect;
+pub mod deadletter;
 mod publish;
 pub mod streams;
 pub mod subject;
 
 pub use async_nats;
 pub use connect::{DEFAULT_NATS_URL, NatsOptions, connect, jetstream, redact_url};
+pub use deadletter::{DeadLetter, publish_dead_letter};
 pub use publish::{OutgoingMessage, Published, publish, wake};
 pub use streams::{
     EnsureReport, StreamAction, StreamNames, StreamSettings, ensure_streams, ensure_streams_with,
 };
 pub use subject::{
-    InvalidPrefix, Prefix, cancel_subject, escape_token, event_subject, result_subject,
-    task_subject, unescape_token, wake_gates_subject, wake_scheduler_subject,
+    InvalidPrefix, Prefix, cancel_subject, cancel_wildcard_subject, deadletter_subject,
+    escape_token, event_subject, progress_subject, progress_wildcard_subject, result_subject,
+    run_id_of_cancel_subject, task_consumer_name, task_subject, unescape_token, wake_gates_subject,
+    wake_scheduler_subject,
 };
 
 /// Errors of the bus. Messages name the setting or stream involved.

@@ -5,6 +5,7 @@
 //! | `TANDEM_TASKS` | work queue | `tandem.tasks.>` |
 //! | `TANDEM_RESULTS` | work queue | `tandem.results.>` |
 //! | `TANDEM_EVENTS` | limits, `max_age` | `tandem.events.>` |
+//! | `TANDEM_DEADLETTER` | limits, `max_age` 30 days | `tandem.deadletter.>` |
 //!
 //! Names and subjects take the fleet's [`Prefix`].
 //!
@@ -26,7 +27,7 @@ use async_nats::jetstream::{
 };
 
 use crate::BusError;
-use crate::subject::{EVENTS, Prefix, RESULTS, TASKS};
+use crate::subject::{DEADLETTER, EVENTS, Prefix, RESULTS, TASKS};
 
 /// Base name of the task dispatch stream.
 pub const TASKS_STREAM: &str = "TANDEM_TASKS";
@@ -34,6 +35,12 @@ pub const TASKS_STREAM: &str = "TANDEM_TASKS";
 pub const RESULTS_STREAM: &str = "TANDEM_RESULTS";
 /// Base name of the events stream.
 pub const EVENTS_STREAM: &str = "TANDEM_EVENTS";
+/// Base name of the dead-letter stream.
+pub const DEADLETTER_STREAM: &str = "TANDEM_DEADLETTER";
+
+/// Age after which dead letters leave `TANDEM_DEADLETTER`: 30 days, time enough for a person to
+/// look at them.
+pub const DEADLETTER_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Default age after which events leave `TANDEM_EVENTS`: 7 days.
 pub const DEFAULT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -89,12 +96,13 @@ impl StreamSettings {
     }
 }
 
-/// The three (prefixed) stream names.
+/// The (prefixed) stream names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamNames {
     pub tasks: String,
     pub results: String,
     pub events: String,
+    pub deadletter: String,
 }
 
 impl StreamNames {
@@ -103,11 +111,13 @@ impl StreamNames {
             tasks: prefix.stream(TASKS_STREAM),
             results: prefix.stream(RESULTS_STREAM),
             events: prefix.stream(EVENTS_STREAM),
+            deadletter: prefix.stream(DEADLETTER_STREAM),
         }
     }
 
-    pub fn all(&self) -> [&str; 3] {
-        [&self.tasks, &self.results, &self.events]
+    /// Every stream [`ensure_streams`] manages.
+    pub fn all(&self) -> [&str; 4] {
+        [&self.tasks, &self.results, &self.events, &self.deadletter]
     }
 }
 
@@ -147,6 +157,26 @@ pub fn stream_configs(prefix: &Prefix, settings: &StreamSettings) -> [Config; 3]
     ]
 }
 
+/// The desired configuration of `TANDEM_DEADLETTER`: limits retention (every dead letter stays
+/// until [`DEADLETTER_MAX_AGE`], whoever reads it), file storage. Its duplicate window is the
+/// fleet's, capped at the stream's `max_age` as the server requires.
+pub fn deadletter_stream_config(prefix: &Prefix, settings: &StreamSettings) -> Config {
+    Config {
+        name: prefix.stream(DEADLETTER_STREAM),
+        description: Some(
+            "Tandem dead letters: task and result messages nobody can process".into(),
+        ),
+        subjects: vec![prefix.subject(&format!("{DEADLETTER}.>"))],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        discard: DiscardPolicy::Old,
+        max_age: DEADLETTER_MAX_AGE,
+        duplicate_window: settings.duplicate_window.min(DEADLETTER_MAX_AGE),
+        num_replicas: settings.replicas,
+        ..Default::default()
+    }
+}
+
 /// What [`ensure_streams`] did to one stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamAction {
@@ -161,7 +191,8 @@ pub struct EnsureReport {
     pub streams: Vec<(String, StreamAction)>,
 }
 
-/// Creates the three streams with default [`StreamSettings`], or brings existing ones to the
+/// Creates the streams ([`stream_configs`] and [`deadletter_stream_config`]) with default
+/// [`StreamSettings`], or brings existing ones to the
 /// desired configuration. Idempotent and safe to run from every replica at once.
 pub async fn ensure_streams(
     js: &jetstream::Context,
@@ -181,8 +212,11 @@ pub async fn ensure_streams_with(
     settings: &StreamSettings,
 ) -> Result<EnsureReport, BusError> {
     settings.validate()?;
-    let mut streams = Vec::with_capacity(3);
-    for want in stream_configs(prefix, settings) {
+    let mut streams = Vec::with_capacity(4);
+    let all = stream_configs(prefix, settings)
+        .into_iter()
+        .chain([deadletter_stream_config(prefix, settings)]);
+    for want in all {
         let action = ensure_stream(js, &want).await?;
         streams.push((want.name.clone(), action));
     }
@@ -274,6 +308,28 @@ mod tests {
         let [tasks, _, events] = stream_configs(&Prefix::none(), &StreamSettings::default());
         assert_eq!(tasks.name, "TANDEM_TASKS");
         assert_eq!(events.subjects, vec!["tandem.events.>"]);
+    }
+
+    #[test]
+    fn deadletter_stream_follows_the_prefix() {
+        let p = Prefix::new("t_ab12").expect("valid");
+        let dl = deadletter_stream_config(&p, &StreamSettings::default());
+        assert_eq!(dl.name, "T_AB12_TANDEM_DEADLETTER");
+        assert_eq!(dl.subjects, vec!["t_ab12.tandem.deadletter.>"]);
+        assert_eq!(dl.retention, RetentionPolicy::Limits);
+        assert_eq!(dl.max_age, DEADLETTER_MAX_AGE);
+        assert!(dl.duplicate_window <= dl.max_age);
+        let huge = StreamSettings {
+            events_max_age: Duration::from_secs(365 * 24 * 3600),
+            duplicate_window: Duration::from_secs(60 * 24 * 3600),
+            replicas: 1,
+        };
+        assert!(huge.validate().is_ok());
+        let dl = deadletter_stream_config(&p, &huge);
+        assert_eq!(dl.duplicate_window, DEADLETTER_MAX_AGE, "capped at max age");
+        let names = StreamNames::new(&p);
+        assert_eq!(names.deadletter, "T_AB12_TANDEM_DEADLETTER");
+        assert_eq!(names.all().len(), 4);
     }
 
     #[test]

@@ -32,10 +32,19 @@ pub const WAKE_GATES: &str = "tandem.wake.gates";
 pub const CONTROL_CANCEL: &str = "tandem.control.cancel";
 /// JetStream task dispatch: `tandem.tasks.<queue>`.
 pub const TASKS: &str = "tandem.tasks";
-/// JetStream task results and progress: `tandem.results.<run_id>`.
+/// JetStream task results: `tandem.results.<run_id>` (progress heartbeats are core NATS, [`PROGRESS`]).
 pub const RESULTS: &str = "tandem.results";
 /// JetStream events: `tandem.events.<org>.<workspace>.<event.type>`.
 pub const EVENTS: &str = "tandem.events";
+/// Core-NATS worker heartbeats: `tandem.progress.<run_id>` (best effort, not persisted).
+pub const PROGRESS: &str = "tandem.progress";
+/// JetStream dead letters: `tandem.deadletter.<kind>` ([`DEADLETTER_TASKS`],
+/// [`DEADLETTER_RESULTS`]).
+pub const DEADLETTER: &str = "tandem.deadletter";
+/// Dead-letter kind of task messages that no worker can process.
+pub const DEADLETTER_TASKS: &str = "tasks";
+/// Dead-letter kind of result messages that the scheduler cannot apply.
+pub const DEADLETTER_RESULTS: &str = "results";
 
 /// Header carrying the event type (e.g. `approval.gate.expired`).
 pub const HEADER_EVENT_TYPE: &str = "Tandem-Event-Type";
@@ -45,6 +54,20 @@ pub const HEADER_ORG: &str = "Tandem-Org";
 pub const HEADER_WORKSPACE: &str = "Tandem-Workspace";
 /// W3C trace context header.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// Dead letters: why the message was dead-lettered (one line).
+pub const HEADER_DEADLETTER_ERROR: &str = "Tandem-Deadletter-Error";
+/// Dead letters: the subject the message was published on.
+pub const HEADER_DEADLETTER_SUBJECT: &str = "Tandem-Deadletter-Subject";
+/// Dead letters: the stream the message came from.
+pub const HEADER_DEADLETTER_STREAM: &str = "Tandem-Deadletter-Stream";
+/// Dead letters: the message's sequence in that stream.
+pub const HEADER_DEADLETTER_SEQUENCE: &str = "Tandem-Deadletter-Sequence";
+/// Dead letters: how many times the message had been delivered.
+pub const HEADER_DEADLETTER_DELIVERED: &str = "Tandem-Deadletter-Delivered";
+/// Dead letters: prefix under which the original `Nats-*` headers are kept (they would change how
+/// the server stores the dead letter otherwise): `Nats-Msg-Id` becomes
+/// `Tandem-Original-Nats-Msg-Id`.
+pub const HEADER_DEADLETTER_ORIGINAL_PREFIX: &str = "Tandem-Original-";
 
 fn keep(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
@@ -222,6 +245,42 @@ pub fn cancel_subject(prefix: &Prefix, run_id: &str) -> String {
     prefix.subject(&format!("{CONTROL_CANCEL}.{}", escape_token(run_id)))
 }
 
+/// `tandem.control.cancel.*` (prefixed): every run's cancel hint, for a worker's one subscription.
+pub fn cancel_wildcard_subject(prefix: &Prefix) -> String {
+    prefix.subject(&format!("{CONTROL_CANCEL}.*"))
+}
+
+/// The run id of a cancel subject built by [`cancel_subject`] with the same prefix, or `None`
+/// for any other subject (or a token [`escape_token`] never produces).
+pub fn run_id_of_cancel_subject(prefix: &Prefix, subject: &str) -> Option<String> {
+    let head = prefix.subject(&format!("{CONTROL_CANCEL}."));
+    subject.strip_prefix(&head).and_then(unescape_token)
+}
+
+/// `tandem.progress.<run_id>` (prefixed, run id escaped): core-NATS worker heartbeats.
+pub fn progress_subject(prefix: &Prefix, run_id: &str) -> String {
+    prefix.subject(&format!("{PROGRESS}.{}", escape_token(run_id)))
+}
+
+/// `tandem.progress.*` (prefixed): every run's heartbeats, for the scheduler's subscription.
+pub fn progress_wildcard_subject(prefix: &Prefix) -> String {
+    prefix.subject(&format!("{PROGRESS}.*"))
+}
+
+/// `tandem.deadletter.<kind>` (prefixed, kind escaped): [`DEADLETTER_TASKS`] or
+/// [`DEADLETTER_RESULTS`].
+pub fn deadletter_subject(prefix: &Prefix, kind: &str) -> String {
+    prefix.subject(&format!("{DEADLETTER}.{}", escape_token(kind)))
+}
+
+/// The durable pull consumer on `TANDEM_TASKS` that every worker of `queue` binds to, in any
+/// language: `tandem-tasks-<queue>` (queue escaped as a subject token). A work-queue stream accepts
+/// only one consumer per subject, so all workers of a queue share this one and compete for its
+/// messages. Stream names carry the prefix, so the consumer name does not.
+pub fn task_consumer_name(queue: &str) -> String {
+    format!("tandem-tasks-{}", escape_token(queue))
+}
+
 /// The prefixed scheduler wake-up subject.
 pub fn wake_scheduler_subject(prefix: &Prefix) -> String {
     prefix.subject(WAKE_SCHEDULER)
@@ -309,6 +368,38 @@ mod tests {
         assert_eq!(cancel_subject(&p, "r1"), "t1.tandem.control.cancel.r1");
         assert_eq!(wake_scheduler_subject(&p), "t1.tandem.wake.scheduler");
         assert_eq!(wake_gates_subject(&Prefix::none()), "tandem.wake.gates");
+        assert_eq!(progress_subject(&p, "r.1"), "t1.tandem.progress.r%2E1");
+        assert_eq!(progress_wildcard_subject(&p), "t1.tandem.progress.*");
+        assert_eq!(
+            deadletter_subject(&p, DEADLETTER_TASKS),
+            "t1.tandem.deadletter.tasks"
+        );
+        assert_eq!(
+            deadletter_subject(&Prefix::none(), DEADLETTER_RESULTS),
+            "tandem.deadletter.results"
+        );
+        assert_eq!(cancel_wildcard_subject(&p), "t1.tandem.control.cancel.*");
+        assert_eq!(task_consumer_name("default"), "tandem-tasks-default");
+        assert_eq!(task_consumer_name("gpu.large"), "tandem-tasks-gpu%2Elarge");
+    }
+
+    #[test]
+    fn cancel_subjects_give_the_run_id_back() {
+        let p = Prefix::new("t1").expect("valid");
+        for run in ["r1", "a.b", "*", "", "_", "é >"] {
+            let s = cancel_subject(&p, run);
+            assert_eq!(run_id_of_cancel_subject(&p, &s).as_deref(), Some(run));
+        }
+        assert_eq!(
+            run_id_of_cancel_subject(&Prefix::none(), "t1.tandem.control.cancel.r1"),
+            None,
+            "another prefix"
+        );
+        assert_eq!(
+            run_id_of_cancel_subject(&p, "t1.tandem.control.cancel.a.b"),
+            None
+        );
+        assert_eq!(run_id_of_cancel_subject(&p, "t1.tandem.wake.gates"), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod claim;
 pub mod config;
 pub mod effects;
+pub mod execution;
 pub mod gate;
 pub mod governance;
 pub mod graph;

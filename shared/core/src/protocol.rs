@@ -96,6 +96,30 @@ pub struct TaskResult {
     pub usage: TaskUsage,
 }
 
+impl TaskResult {
+    /// The result of `task`'s attempt (same run, node, attempt and lease epoch).
+    pub fn for_task(task: &TaskMessage, status: TaskStatus, output: Value, usage: TaskUsage) -> Self {
+        Self {
+            run_id: task.run_id.clone(),
+            node_id: task.node_id.clone(),
+            attempt: task.attempt,
+            lease_epoch: task.lease_epoch,
+            status,
+            output,
+            usage,
+        }
+    }
+
+    /// The id of the attempt this result answers: equal to [`TaskMessage::task_id`] of the task,
+    /// and the result's `Nats-Msg-Id`.
+    pub fn task_id(&self) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            self.run_id, self.node_id, self.attempt, self.lease_epoch
+        )
+    }
+}
+
 /// A heartbeat from a worker while it works (`tandem.progress.<run_id>`, core NATS): keeps the
 /// run's activity time fresh. Best effort; losing one is harmless.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +130,32 @@ pub struct TaskProgress {
     pub lease_epoch: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+impl TaskProgress {
+    /// A heartbeat for `task`'s attempt.
+    pub fn for_task(task: &TaskMessage, message: Option<String>) -> Self {
+        Self {
+            run_id: task.run_id.clone(),
+            node_id: task.node_id.clone(),
+            attempt: task.attempt,
+            lease_epoch: task.lease_epoch,
+            message,
+        }
+    }
+}
+
+/// The optional JSON body of a cancel hint (`tandem.control.cancel.<run_id>`, core NATS). The
+/// subject names the run; an empty or unparsable body cancels every in-flight task of the run.
+/// With `lease_epoch`, only tasks dispatched under that epoch or an earlier one are cancelled, so
+/// a late hint cannot stop the tasks of a later claim of the same run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskCancel {
+    pub run_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_epoch: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[cfg(test)]
@@ -124,5 +174,22 @@ mod tests {
         assert_eq!(r.usage, TaskUsage::default());
         let bad = json!({"run_id": "r", "node_id": "n", "attempt": 1, "lease_epoch": 3, "status": "done"});
         assert!(serde_json::from_value::<TaskResult>(bad).is_err());
+    }
+
+    #[test]
+    fn result_and_progress_for_a_task_share_its_id() {
+        let task: TaskMessage = serde_json::from_value(json!({
+            "run_id": "r", "node_id": "n", "attempt": 2, "lease_epoch": 5, "automation_id": "a",
+            "tenant_context": {"org_id": "o", "workspace_id": "w"}, "queue": "default",
+            "dispatched_at_ms": 1
+        }))
+        .expect("parses");
+        let r = TaskResult::for_task(&task, TaskStatus::Failed, json!({}), TaskUsage::default());
+        assert_eq!(r.task_id(), task.task_id());
+        assert_eq!(r.task_id(), "r:n:2:5");
+        let p = TaskProgress::for_task(&task, Some("half way".into()));
+        assert_eq!((p.attempt, p.lease_epoch), (2, 5));
+        let c: TaskCancel = serde_json::from_value(json!({"run_id": "r"})).expect("parses");
+        assert_eq!(c.lease_epoch, None);
     }
 }

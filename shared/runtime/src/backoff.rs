@@ -46,8 +46,15 @@ impl Backoff {
     }
 }
 
+/// `base` shortened by up to `fraction` (0..=1) at random, so that replicas polling on the same
+/// period drift apart instead of hitting the database in lock step.
+pub fn jittered(base: Duration, fraction: f64) -> Duration {
+    let fraction = fraction.clamp(0.0, 1.0);
+    base.mul_f64(1.0 - random_unit() * fraction)
+}
+
 /// A random number in [0, 1) from the std hasher's random keys (no RNG dependency needed).
-fn random_unit() -> f64 {
+pub fn random_unit() -> f64 {
     let mut h = RandomState::new().build_hasher();
     h.write_u64(0);
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64

@@ -34,6 +34,7 @@
 pub mod backoff;
 pub mod config;
 pub mod health;
+pub mod relay;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
@@ -42,6 +43,7 @@ pub use config::{
     CommonArgs, DEFAULT_API_ADDR, DEFAULT_DATABASE_URL, DatabaseArgs, LogFormat, NatsArgs,
     ObservabilityArgs, ServiceInfo, parse_cli,
 };
+pub use relay::{PublishOutcome, Relay, RelayReport, RelaySettings};
 pub use service::{EXIT_CONFIG, EXIT_FAILURE, Failure, ServiceContext, run};
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use telemetry::{current_traceparent, set_parent_from_traceparent};

@@ -97,18 +97,24 @@ pub async fn governance_snapshot(pool: &Pool) -> Result<GovernanceSnapshot, Stor
     snapshot_from_rows(&client.query(&stmt, &[]).await?)
 }
 
-/// The snapshot restricted to one automation's agents (scoped by its tenant), read inside a
-/// transition so the decision and the state it read commit together.
+/// The snapshot restricted to the agents of these automations (each scoped by its own tenant),
+/// read inside a transition so the decision and the state it read commit together.
 pub(crate) async fn scoped_snapshot(
     tx: &Transaction<'_>,
-    automation: &AutomationV2Spec,
+    automations: &[&AutomationV2Spec],
     now_ms: Millis,
 ) -> Result<GovernanceSnapshot, StoreError> {
-    let tenant = automation.tenant_context();
-    let keys: Vec<String> = agent_set(automation)
+    let mut keys: Vec<String> = automations
         .iter()
-        .map(|a| agent_scope_key(&tenant, a))
+        .flat_map(|automation| {
+            let tenant = automation.tenant_context();
+            agent_set(automation)
+                .into_iter()
+                .map(move |a| agent_scope_key(&tenant, &a))
+        })
         .collect();
+    keys.sort();
+    keys.dedup();
     let stmt = tx.prepare_cached(SNAPSHOT_KEYS).await?;
     let now = ms_to_db(now_ms, "database clock")?;
     snapshot_from_rows(&tx.query(&stmt, &[&keys, &now]).await?)

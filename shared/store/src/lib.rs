@@ -6,6 +6,7 @@
 
 mod audit;
 mod automations;
+mod claim;
 mod convert;
 mod error;
 mod governance;
@@ -18,6 +19,10 @@ mod types;
 
 pub use audit::{MAX_LINK_BATCH, audit_record_hash, link_audit_chain, verify_audit_chain};
 pub use automations::{get_automation, insert_automation, list_automations, upsert_automation};
+pub use claim::{
+    CLAIM_CANDIDATES_SQL, CLAIM_LOCK_KEY, ClaimItem, ClaimItemOutcome, ClaimLimits, ClaimReport,
+    MAX_CLAIM_BATCH, claim_runs,
+};
 pub use error::StoreError;
 pub use governance::{
     NewQuotaOverride, QuotaOverrideStatus, SpendCap, governance_snapshot, insert_quota_override,
@@ -27,11 +32,14 @@ pub use governance::{
 pub use migrate::{
     MIGRATIONS, Migration, MigrationReport, check_schema, latest_version, migrate, schema_version,
 };
-pub use outbox::{OutboxRow, engine_event, mark_outbox_published, outbox_rows, unpublished_outbox};
+pub use outbox::{
+    OutboxKind, OutboxRow, TASK_ROW_TYPE, claim_outbox, claim_outbox_for_runs, claim_outbox_sql,
+    engine_event, mark_outbox_published, outbox_rows, release_outbox, unpublished_outbox,
+};
 pub use pool::{connect, connect_with_size};
 pub use runs::{
-    CLAIM_QUEUED_SQL, claim_queued, create_run, get_run, get_stored_run, list_runs_by_status,
-    next_action_at, next_gate_action_at, touch_activity,
+    CLAIM_QUEUED_SQL, claim_queued, claimed_run_ids, create_run, get_run, get_stored_run,
+    list_runs_by_status, next_action_at, next_gate_action_at, touch_activity,
 };
 pub use transition::{
     BatchItem, MAX_BATCH, Sweep, sweep_select_sql, transition_batch, transition_run,

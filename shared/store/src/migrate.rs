@@ -26,11 +26,18 @@ impl Migration {
 }
 
 /// Every migration this build knows, in version order (versions are 1..=N, no gaps).
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../migrations/V1__initial.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../migrations/V1__initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "outbox_tasks_and_relay_leases",
+        sql: include_str!("../migrations/V2__outbox_tasks_and_relay_leases.sql"),
+    },
+];
 
 /// The schema version this build needs.
 pub fn latest_version() -> i32 {

@@ -302,3 +302,22 @@ pub async fn next_gate_action_at(pool: &Pool) -> Result<Option<Millis>, StoreErr
     let v: Option<i64> = client.query_one(&stmt, &[]).await?.try_get(0)?;
     opt_ms_from_db(v, "next_action_at_ms")
 }
+
+/// Ids of the runs holding a claim (`running` or `pausing`), in id order, from `runs_active_idx`.
+/// The scheduler's periodic re-evaluation walks them in chunks (see `Sweep::Runs`).
+pub async fn claimed_run_ids(pool: &Pool, limit: usize) -> Result<Vec<String>, StoreError> {
+    let client = pool.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT run_id FROM runs WHERE status IN ('running', 'pausing')
+              ORDER BY run_id LIMIT $1",
+        )
+        .await?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    client
+        .query(&stmt, &[&limit])
+        .await?
+        .iter()
+        .map(|r| Ok(r.try_get(0)?))
+        .collect()
+}

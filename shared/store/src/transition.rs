@@ -23,7 +23,7 @@ use deadpool_postgres::{Pool, Transaction};
 use serde_json::Value;
 use tandem_core::{
     AutomationLifecycleRecord, AutomationRunStatus, AutomationStopKind, AutomationV2RunRecord,
-    AutomationV2Spec, Transition,
+    AutomationV2Spec, Effects, Transition,
 };
 use tokio_postgres::Row;
 
@@ -33,15 +33,16 @@ use tokio_postgres::Row;
 pub const MAX_BATCH: usize = 50;
 
 /// A locked run row before the closure runs.
-struct LockedRow {
-    run_id: String,
-    lease_epoch: LeaseEpoch,
-    activity_at_ms: i64,
-    doc: Value,
+pub(crate) struct LockedRow {
+    pub(crate) run_id: String,
+    pub(crate) lease_epoch: LeaseEpoch,
+    pub(crate) activity_at_ms: i64,
+    pub(crate) doc: Value,
 }
 
 impl LockedRow {
-    fn from_row(row: &Row) -> Result<Self, StoreError> {
+    /// Columns 0..=3: run_id, lease_epoch, activity_at_ms, doc.
+    pub(crate) fn from_row(row: &Row) -> Result<Self, StoreError> {
         Ok(Self {
             run_id: row.try_get(0)?,
             lease_epoch: LeaseEpoch(row.try_get(1)?),
@@ -252,7 +253,7 @@ where
 }
 
 /// Loads the environment, runs the closure and persists a change; the row is already locked.
-async fn apply_locked<T, E, F>(
+pub(crate) async fn apply_locked<T, E, F>(
     tx: &Transaction<'_>,
     locked: LockedRow,
     fence: Fence,
@@ -283,6 +284,7 @@ where
             lease_epoch: env.lease_epoch,
             now_ms: env.now_ms,
             outbox_ids: Vec::new(),
+            effects: Effects::default(),
         });
     }
     let (lease_epoch, outbox_ids) = persist(tx, &before, &run, &transition, &env, settings).await?;
@@ -293,6 +295,7 @@ where
         lease_epoch,
         now_ms: env.now_ms,
         outbox_ids,
+        effects: transition.effects,
     })
 }
 
@@ -326,9 +329,16 @@ async fn load_env(
         ),
         None => (run.automation_snapshot.clone(), false),
     };
-    let governance = match (&automation, settings.load_governance) {
-        (Some(a), true) => Some(scoped_snapshot(tx, a, now_ms).await?),
-        _ => None,
+    // Scoped to the agents of both the live definition and the run's snapshot: the claim decides
+    // with the snapshot (spec §3.4), the executor and the auto-resume sweeps with the live one.
+    let governance = if settings.load_governance {
+        let specs: Vec<&AutomationV2Spec> = automation
+            .iter()
+            .chain(run.automation_snapshot.iter())
+            .collect();
+        Some(scoped_snapshot(tx, &specs, now_ms).await?)
+    } else {
+        None
     };
     let env = TransitionEnv {
         now_ms,

@@ -2,7 +2,7 @@
 
 use tandem_core::config::GatePolicyDefaults;
 use tandem_core::governance::GovernanceSnapshot;
-use tandem_core::{AutomationV2RunRecord, AutomationV2Spec, Millis};
+use tandem_core::{AutomationV2RunRecord, AutomationV2Spec, Effects, Millis};
 
 /// The lease epoch of a claim: the fencing token every write on behalf of a claim carries.
 ///
@@ -100,4 +100,7 @@ pub struct Applied<T> {
     pub now_ms: Millis,
     /// Outbox rows written, so the writer can relay them right after commit.
     pub outbox_ids: Vec<i64>,
+    /// The effects persisted (empty for an unchanged run). `cancel_tasks_of` is not persisted:
+    /// the writer sends those cancel hints after commit.
+    pub effects: Effects,
 }
