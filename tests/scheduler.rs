@@ -1754,3 +1754,109 @@ async fn scheduler_and_real_worker_binaries_complete_a_flow_with_a_repair() -> a
     drop(pool);
     db.drop_db().await
 }
+
+// ---------------------------------------------------------------------------------------------
+// upstream restart cases (spec §6 cases 26–28), in the fleet's form: a scheduler (re)start never
+// recovers, fails or re-locks anything; claims only ever take queued runs.
+
+/// Sets a run's status directly through a transition (test setup).
+async fn force_status(
+    pool: &Pool,
+    run_id: &str,
+    status: AutomationRunStatus,
+) -> anyhow::Result<()> {
+    tandem_store::transition_run(pool, run_id, Fence::Unfenced, &settings(), |run, env| {
+        update(run, env.now_ms, |r, _| r.status = status)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn case_26_blocked_run_is_never_claimed_and_stays_unchanged() -> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    create_on_root(&pool, "blocked-run", Some("/ws/blocked"), 1).await?;
+    force_status(&pool, "blocked-run", AutomationRunStatus::Blocked).await?;
+    let before = tandem_store::get_run(&pool, "blocked-run").await?;
+    let xmin = row_xmin(&pool, "blocked-run").await?;
+    let report = claim_dispatching(&pool, 8).await?;
+    ensure!(claimed_ids(&report).is_empty(), "a blocked run was claimed");
+    ensure!(
+        row_xmin(&pool, "blocked-run").await? == xmin,
+        "blocked row was rewritten"
+    );
+    ensure!(tandem_store::get_run(&pool, "blocked-run").await? == before);
+    drop(pool);
+    db.drop_db().await
+}
+
+#[tokio::test]
+async fn case_28_paused_and_queued_runs_are_preserved_and_no_workspace_is_locked()
+-> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    create_on_root(&pool, "paused-run", Some("/ws/a"), 1).await?;
+    force_status(&pool, "paused-run", AutomationRunStatus::Paused).await?;
+    create_on_root(&pool, "queued-run", Some("/ws/b"), 2).await?;
+    // A second run on the paused run's workspace: admissible, because paused holds no lock.
+    create_on_root(&pool, "same-root-run", Some("/ws/a"), 3).await?;
+    let paused_xmin = row_xmin(&pool, "paused-run").await?;
+    let report = claim_plain(&pool, 8, 64).await?;
+    let mut claimed = claimed_ids(&report);
+    claimed.sort();
+    ensure!(
+        claimed == ["queued-run", "same-root-run"],
+        "claimed {claimed:?}"
+    );
+    ensure!(
+        row_xmin(&pool, "paused-run").await? == paused_xmin,
+        "paused row was touched"
+    );
+    let paused = tandem_store::get_run(&pool, "paused-run").await?;
+    ensure!(paused.status == AutomationRunStatus::Paused);
+    drop(pool);
+    db.drop_db().await
+}
+
+#[tokio::test]
+async fn case_27_fleet_form_scheduler_start_never_fails_running_runs() -> anyhow::Result<()> {
+    // Upstream fails every `running` run at startup (server_restart). A fleet replica starting
+    // must leave runs claimed by others alone: their lease epoch and status stay as they are.
+    let (db, pool) = TestDb::migrated().await?;
+    create_on_root(&pool, "busy-run", Some("/ws/busy"), 1).await?;
+    let report = claim_plain(&pool, 8, 64).await?;
+    ensure!(claimed_ids(&report) == ["busy-run"]);
+    let epoch = epoch_of(&pool, "busy-run").await?;
+    let prefix = Prefix::new(&unique("sched"))?;
+    let port = free_port()?;
+    let mut p = Proc::start(
+        "tandem-scheduler",
+        &[],
+        &scheduler_env(&db.url, &prefix, port),
+    )?;
+    p.wait_for_status(port, "/readyz", 200).await?;
+    // Let it run a few claim polls and a tick.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let run = tandem_store::get_run(&pool, "busy-run").await?;
+    ensure!(
+        run.status == AutomationRunStatus::Running,
+        "status {:?}",
+        run.status
+    );
+    ensure!(run.stop_kind.is_none());
+    ensure!(
+        epoch_of(&pool, "busy-run").await? == epoch,
+        "lease epoch changed"
+    );
+    ensure!(
+        !run.checkpoint
+            .lifecycle_history
+            .iter()
+            .any(|l| l.event == "run_failed_server_restart"),
+        "a restart failure was recorded"
+    );
+    p.sigterm()?;
+    ensure!(p.wait(EXIT_TIMEOUT).await?.success());
+    drop(pool);
+    delete_streams(prefix.as_str()).await?;
+    db.drop_db().await
+}
