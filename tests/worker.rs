@@ -459,7 +459,6 @@ async fn result_is_stored_before_the_ack_and_a_crash_in_between_redelivers_the_s
 
 #[tokio::test]
 async fn redelivery_of_a_finished_task_republishes_without_rerunning() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt().with_env_filter("info,tandem_worker_sdk=debug,async_nats::jetstream::consumer::pull=debug,async_nats=debug").try_init();
     with_env!(env, {
         let runs = Arc::new(AtomicU32::new(0));
         let handler = {
@@ -1059,74 +1058,4 @@ async fn reference_worker_rejects_bad_settings_naming_the_variable() -> anyhow::
         );
     }
     Ok(())
-}
-
-#[tokio::test]
-async fn zz_scratch_redelivery_timing() -> anyhow::Result<()> {
-    with_env!(env, {
-        let stream = env.js.get_stream(&env.names().tasks).await?;
-        let cfg = tandem_worker_sdk::consumer_config(
-            &env.prefix,
-            "default",
-            &tandem_worker_sdk::WorkerConfig {
-                ack_wait: Duration::from_secs(1),
-                ..Default::default()
-            },
-        );
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .get_or_create_consumer("tandem-tasks-default", cfg)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        env.publish_task("default", &task("r", "n", json!({})))
-            .await?;
-        let t0 = Instant::now();
-        let mut held = Vec::new();
-        while t0.elapsed() < Duration::from_secs(6) {
-            let mut b = consumer
-                .batch()
-                .max_messages(16)
-                .expires(Duration::from_millis(500))
-                .messages()
-                .await
-                .map_err(|e| anyhow::anyhow!(e))?;
-            let bt = Instant::now();
-            {
-                let js = env.js.clone();
-                let stream_name = env.names().tasks;
-                let t0 = t0;
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    if let Ok(s) = js.get_stream(&stream_name).await {
-                        if let Ok(i) = s.consumer_info("tandem-tasks-default").await {
-                            println!(
-                                "{:?} num_waiting={} ack_pending={} redelivered={}",
-                                t0.elapsed(),
-                                i.num_waiting,
-                                i.num_ack_pending,
-                                i.num_redelivered
-                            );
-                        }
-                    }
-                });
-            }
-            while let Some(m) = b.next().await {
-                let m = m.map_err(|e| anyhow::anyhow!(e))?;
-                let d = m.info().map_err(|e| anyhow::anyhow!(e))?.delivered;
-                println!("{:?} delivered={d}", t0.elapsed());
-                if d == 1 {
-                    let js = env.js.clone();
-                    let subject = result_subject(&env.prefix, "r");
-                    tokio::spawn(async move {
-                        let _ = js
-                            .publish(subject, "x".into())
-                            .await
-                            .map(|f| async { f.await });
-                    });
-                }
-                held.push(m);
-            }
-            println!("{:?} batch ended after {:?}", t0.elapsed(), bt.elapsed());
-        }
-        Ok(())
-    })
 }

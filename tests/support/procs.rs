@@ -35,13 +35,18 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("TANDEM_TEST_BIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
-    // target/<profile>/deps/services-<hash> → target/<profile>
+    // A test runs from target/<profile>/deps/<name>-<hash>, a binary (the bench) from
+    // target/<profile>/<name>: either way the binaries go to target/<profile>.
     let exe = std::env::current_exe().context("current_exe")?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test executable is not under target/<profile>/deps")?
-        .to_path_buf();
+    let exe_dir = exe.parent().context("executable has no directory")?;
+    let profile_dir = if exe_dir.file_name().and_then(|n| n.to_str()) == Some("deps") {
+        exe_dir
+            .parent()
+            .context("no profile directory above deps")?
+    } else {
+        exe_dir
+    }
+    .to_path_buf();
     let target_dir = profile_dir
         .parent()
         .context("no target directory above the profile directory")?;

@@ -290,19 +290,31 @@ async fn scheduler(runs: usize, e2e_runs: usize, rate: u64, seconds: u64) -> any
         let total = rate * seconds;
         let tick = Duration::from_micros(1_000_000 / rate.max(1));
         let started = Instant::now();
+        let mut inserts = Vec::with_capacity(total as usize);
         for i in 0..total {
             let due = started + tick * (i as u32);
             tokio::time::sleep_until(due.into()).await;
-            // The store stamps created_at_ms only from the record; use the database clock at
-            // insert via the activity column instead (set from now() on insert).
+            // Stamped with this host's clock, which is also the database's clock here; the claim
+            // stamps started_at_ms from the database's now().
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default();
             let run = AutomationV2RunRecord::new_queued(
                 format!("steady-{i}"),
                 &spec,
                 "manual",
                 ExecutionProfile::Strict,
-                0,
+                now_ms,
             );
-            tandem_store::create_run(&pool, &run, &Effects::default(), &settings).await?;
+            let (pool, settings) = (pool.clone(), settings.clone());
+            // Inserted concurrently so the enqueue rate does not depend on insert latency.
+            inserts.push(tokio::spawn(async move {
+                tandem_store::create_run(&pool, &run, &Effects::default(), &settings).await
+            }));
+        }
+        for insert in inserts {
+            insert.await??;
         }
         let enqueue_s = started.elapsed().as_secs_f64();
         wait_count(
@@ -312,12 +324,11 @@ async fn scheduler(runs: usize, e2e_runs: usize, rate: u64, seconds: u64) -> any
             limit,
         )
         .await?;
-        // activity_at_ms is stamped from now() at insert; started_at_ms from the DB clock at claim.
         let rows = pool
             .get()
             .await?
             .query(
-                "SELECT (doc->>'started_at_ms')::bigint - activity_at_ms FROM runs
+                "SELECT (doc->>'started_at_ms')::bigint - created_at_ms FROM runs
                   WHERE doc ? 'started_at_ms'",
                 &[],
             )

@@ -98,7 +98,12 @@ pub struct TaskResult {
 
 impl TaskResult {
     /// The result of `task`'s attempt (same run, node, attempt and lease epoch).
-    pub fn for_task(task: &TaskMessage, status: TaskStatus, output: Value, usage: TaskUsage) -> Self {
+    pub fn for_task(
+        task: &TaskMessage,
+        status: TaskStatus,
+        output: Value,
+        usage: TaskUsage,
+    ) -> Self {
         Self {
             run_id: task.run_id.clone(),
             node_id: task.node_id.clone(),

@@ -256,6 +256,14 @@ async fn supervise<H: TaskHandler>(
     loop {
         tokio::select! {
             r = &mut handler => {
+                // A handler that returns because it was told to stop: its outcome is not the
+                // task's (the stop reason decides what happens).
+                let stopped = stop.borrow_and_update().clone();
+                match stopped {
+                    Some(StopReason::Cancelled { reason }) => return Supervised::Cancelled(reason),
+                    Some(StopReason::Shutdown) => return Supervised::Abandoned,
+                    Some(StopReason::DeadlineExceeded) | None => {}
+                }
                 return Supervised::Outcome(match r {
                     Ok(outcome) => outcome,
                     Err(panic) => panic_outcome(shared, panic),

@@ -534,6 +534,11 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(ms.min(10_000))
 }
 
+/// How long after its expiry a pull request is given up (see `fetch_loop`).
+fn watchdog_grace(cfg: &WorkerConfig) -> Duration {
+    (cfg.fetch_expires / 2).clamp(Duration::from_millis(250), Duration::from_secs(2))
+}
+
 /// Sleeps unless the worker stops first; `false` when it stopped.
 async fn pause(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     tokio::select! {
@@ -655,8 +660,22 @@ async fn fetch_loop<H: TaskHandler>(shared: Arc<Shared<H>>, mut b: Binding) {
                 continue;
             }
         };
+        // The server ends a pull request with a 408 once `fetch_expires` is over. Observed on
+        // nats-server 2.9.10: a request whose expiry coincides with a redelivery sometimes gets
+        // neither its message nor its 408 (the client would wait 5 s more, and the redelivery
+        // waits another ack_wait). So give up on a request shortly after it should have ended.
+        let ends_by = Instant::now() + shared.cfg.fetch_expires + watchdog_grace(&shared.cfg);
         let mut failed = false;
-        while let Some(item) = batch.next().await {
+        loop {
+            let item = match tokio::time::timeout_at(ends_by, batch.next()).await {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(_) => {
+                    metrics::counter!("tandem_worker_stalled_pulls_total").increment(1);
+                    tracing::debug!(queue = %b.queue, "pull request overran its expiry; pulling again");
+                    break;
+                }
+            };
             match item {
                 Ok(msg) => {
                     failures = 0;
