@@ -307,7 +307,7 @@ async fn scheduler(runs: usize, e2e_runs: usize, rate: u64, seconds: u64) -> any
                 ExecutionProfile::Strict,
                 now_ms,
             );
-            let (pool, settings) = (pool.clone(), settings.clone());
+            let pool = pool.clone();
             // Inserted concurrently so the enqueue rate does not depend on insert latency.
             inserts.push(tokio::spawn(async move {
                 tandem_store::create_run(&pool, &run, &Effects::default(), &settings).await
