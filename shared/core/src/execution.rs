@@ -58,8 +58,7 @@ use crate::model::{
 };
 use crate::protocol::{DEFAULT_TASK_QUEUE, TaskMessage, TaskResult, TaskStatus};
 use crate::sweeps::{
-    EVENT_RUN_FAILED, NODE_SETTLED_EVENTS, NODE_STARTED, in_progress_node_ids,
-    run_failed_event_properties,
+    EVENT_RUN_FAILED, NODE_STARTED, in_progress_node_ids, run_failed_event_properties,
 };
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -123,45 +122,15 @@ pub struct NodeAttempt {
     pub attempt: u32,
 }
 
-/// Latest unsettled `node_started` per node: `(attempt, lease_epoch)`; `None` fields when the
-/// record's metadata lacks them (records written before the fleet, or by hand).
-fn unsettled_starts(run: &AutomationV2RunRecord) -> BTreeMap<String, (Option<u32>, Option<i64>)> {
-    let mut open = BTreeMap::new();
-    for record in &run.checkpoint.lifecycle_history {
-        let Some(meta) = record.metadata.as_ref() else {
-            continue;
-        };
-        let Some(node_id) = meta
-            .get("node_id")
-            .and_then(Value::as_str)
-            .map(str::trim)
-            .filter(|id| !id.is_empty())
-        else {
-            continue;
-        };
-        if record.event == NODE_STARTED {
-            let attempt = meta
-                .get("attempt")
-                .and_then(Value::as_u64)
-                .and_then(|a| u32::try_from(a).ok());
-            let epoch = meta.get("lease_epoch").and_then(Value::as_i64);
-            open.insert(node_id.to_owned(), (attempt, epoch));
-        } else if NODE_SETTLED_EVENTS.contains(&record.event.as_str()) {
-            open.remove(node_id);
-        }
-    }
-    open
-}
-
 /// Node attempts in flight under `lease_epoch` (see the module docs), sorted by node id. A
 /// subset of [`in_progress_node_ids`], which also lists orphans of earlier claims.
 pub fn in_flight_nodes(run: &AutomationV2RunRecord, lease_epoch: i64) -> Vec<NodeAttempt> {
-    unsettled_starts(run)
+    crate::sweeps::unsettled_node_starts(run)
         .into_iter()
-        .filter_map(|(node_id, (attempt, epoch))| {
-            (epoch == Some(lease_epoch)).then(|| NodeAttempt {
+        .filter_map(|(node_id, start)| {
+            (start.lease_epoch == Some(lease_epoch)).then(|| NodeAttempt {
                 node_id,
-                attempt: attempt.unwrap_or(0),
+                attempt: start.attempt.unwrap_or(0),
             })
         })
         .collect()
@@ -2829,7 +2798,7 @@ mod tests {
             LIFECYCLE_NODE_FAILED,
             LIFECYCLE_NODE_BLOCKED,
         ] {
-            assert!(NODE_SETTLED_EVENTS.contains(&e), "{e}");
+            assert!(crate::sweeps::NODE_SETTLED_EVENTS.contains(&e), "{e}");
         }
         let (h, _) = H::started(AutomationV2Spec::new(
             "auto-two",

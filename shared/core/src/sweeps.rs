@@ -27,7 +27,7 @@ use crate::model::{
     AutomationStatus, AutomationStopKind, AutomationV2RunRecord, AutomationV2Spec, Millis,
 };
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 // ---------------------------------------------------------------------------------------------
 // Names and strings (compatibility facts, spec §3.6–§3.9, §3.12, §3.14, §3.15)
@@ -139,16 +139,25 @@ pub fn refresh_stale_running_detail(run: &mut AutomationV2RunRecord) {
 // §3.7 stale reaper
 // ---------------------------------------------------------------------------------------------
 
-/// Nodes with a `node_started` lifecycle record not followed by one of [`NODE_SETTLED_EVENTS`]
-/// (upstream `automation_in_progress_node_ids`). The node id is `metadata.node_id`, trimmed.
-/// Sorted.
-pub fn in_progress_node_ids(run: &AutomationV2RunRecord) -> Vec<String> {
-    let mut in_progress = BTreeSet::new();
+/// The latest `node_started` of a node still waiting for a settling record: its `attempt` and
+/// `lease_epoch` metadata (`None` when the record lacks them: records written before the fleet,
+/// or by hand).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnsettledStart {
+    pub attempt: Option<u32>,
+    pub lease_epoch: Option<i64>,
+}
+
+/// Every node whose latest `node_started` lifecycle record is not followed by one of
+/// [`NODE_SETTLED_EVENTS`], keyed by node id (`metadata.node_id`, trimmed).
+pub fn unsettled_node_starts(run: &AutomationV2RunRecord) -> BTreeMap<String, UnsettledStart> {
+    let mut open = BTreeMap::new();
     for record in &run.checkpoint.lifecycle_history {
-        let Some(node_id) = record
-            .metadata
-            .as_ref()
-            .and_then(|m| m.get("node_id"))
+        let Some(meta) = record.metadata.as_ref() else {
+            continue;
+        };
+        let Some(node_id) = meta
+            .get("node_id")
             .and_then(Value::as_str)
             .map(str::trim)
             .filter(|id| !id.is_empty())
@@ -156,12 +165,25 @@ pub fn in_progress_node_ids(run: &AutomationV2RunRecord) -> Vec<String> {
             continue;
         };
         if record.event == NODE_STARTED {
-            in_progress.insert(node_id.to_owned());
+            let start = UnsettledStart {
+                attempt: meta
+                    .get("attempt")
+                    .and_then(Value::as_u64)
+                    .and_then(|a| u32::try_from(a).ok()),
+                lease_epoch: meta.get("lease_epoch").and_then(Value::as_i64),
+            };
+            open.insert(node_id.to_owned(), start);
         } else if NODE_SETTLED_EVENTS.contains(&record.event.as_str()) {
-            in_progress.remove(node_id);
+            open.remove(node_id);
         }
     }
-    in_progress.into_iter().collect()
+    open
+}
+
+/// Nodes with a `node_started` lifecycle record not followed by one of [`NODE_SETTLED_EVENTS`]
+/// (upstream `automation_in_progress_node_ids`). Sorted.
+pub fn in_progress_node_ids(run: &AutomationV2RunRecord) -> Vec<String> {
+    unsettled_node_starts(run).into_keys().collect()
 }
 
 /// A node's timeout for the stale threshold: `timeout_ms` when positive, else
