@@ -42,7 +42,7 @@ use tandem_store::{
     ClaimItemOutcome, ClaimLimits, ClaimReport, Fence, LeaseEpoch, OutboxKind, StoreSettings,
 };
 use tandem_tests::procs::{EXIT_TIMEOUT, Proc, delete_streams, free_port, http_get};
-use tandem_tests::{TestDb, nats_url, unique};
+use tandem_tests::{TestDb, db_now, nats_url, unique};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -55,18 +55,6 @@ const GATES: GatePolicyDefaults = GatePolicyDefaults {
 
 fn settings() -> StoreSettings {
     StoreSettings::new(GATES)
-}
-
-async fn db_now(pool: &Pool) -> anyhow::Result<Millis> {
-    let c = pool.get().await?;
-    let v: i64 = c
-        .query_one(
-            "SELECT floor(extract(epoch FROM now()) * 1000)::bigint",
-            &[],
-        )
-        .await?
-        .get(0);
-    Ok(u64::try_from(v)?)
 }
 
 /// A linear flow `n1 → n2 → …` of task nodes.

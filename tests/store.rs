@@ -20,26 +20,13 @@ use tandem_core::{
 use tandem_store::{
     Fence, LeaseEpoch, NewQuotaOverride, QuotaOverrideStatus, StoreError, StoreSettings, Sweep,
 };
-use tandem_tests::TestDb;
+use tandem_tests::{TestDb, db_now};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
 
 fn settings() -> StoreSettings {
     StoreSettings::default()
-}
-
-/// The database clock in ms.
-async fn db_now(pool: &Pool) -> anyhow::Result<Millis> {
-    let c = pool.get().await?;
-    let v: i64 = c
-        .query_one(
-            "SELECT floor(extract(epoch FROM now()) * 1000)::bigint",
-            &[],
-        )
-        .await?
-        .get(0);
-    Ok(u64::try_from(v)?)
 }
 
 /// Row counts of runs, run_lifecycle, audit_log, outbox.

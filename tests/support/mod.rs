@@ -93,3 +93,16 @@ impl TestDb {
         Ok(())
     }
 }
+
+/// The database clock in ms (every lifecycle decision compares against it).
+pub async fn db_now(pool: &Pool) -> anyhow::Result<u64> {
+    let client = pool.get().await?;
+    let v: i64 = client
+        .query_one(
+            "SELECT floor(extract(epoch FROM now()) * 1000)::bigint",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(u64::try_from(v)?)
+}
