@@ -57,6 +57,15 @@ pub struct Effects {
 }
 
 impl Effects {
+    /// Appends `other`'s effects after this one's (two transitions persisted as one write).
+    pub fn append(&mut self, other: Effects) {
+        self.lifecycle.extend(other.lifecycle);
+        self.audit.extend(other.audit);
+        self.events.extend(other.events);
+        self.tasks.extend(other.tasks);
+        self.cancel_tasks_of.extend(other.cancel_tasks_of);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.lifecycle.is_empty()
             && self.audit.is_empty()

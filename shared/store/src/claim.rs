@@ -28,9 +28,8 @@
 
 use std::collections::HashSet;
 
-use crate::convert::run_doc;
 use crate::transition::{LockedRow, apply_locked};
-use crate::{Applied, Fence, StoreError, StoreSettings, TransitionEnv};
+use crate::{Applied, Fence, LeaseEpoch, StoreError, StoreSettings, TransitionEnv};
 use deadpool_postgres::Pool;
 use serde_json::Value;
 use tandem_core::claim::{ClaimOutcome, claim_run};
@@ -312,10 +311,11 @@ where
             continue;
         }
 
-        // Admissible: claim, and dispatch what became running, under one savepoint.
+        // Admissible: claim, and dispatch what became running, in one load and one write under
+        // one savepoint. Entering `running` bumps the lease epoch by one (see `persist`), so the
+        // dispatch runs with the epoch the row will carry.
         let sp = tx.savepoint("tandem_claim").await?;
-        let activity_at_ms = locked.activity_at_ms;
-        let claimed = apply_locked(
+        let applied = apply_locked(
             &sp,
             locked,
             Fence::Unfenced,
@@ -323,55 +323,79 @@ where
             |run, env| {
                 let empty = GovernanceSnapshot::default();
                 let governance = env.governance.as_ref().unwrap_or(&empty);
-                Ok::<_, StoreError>(claim_run(
-                    run,
-                    env.automation.as_ref(),
-                    None,
-                    governance,
-                    env.now_ms,
-                ))
+                let claim = claim_run(run, env.automation.as_ref(), None, governance, env.now_ms);
+                if claim.outcome != ClaimOutcome::Claimed {
+                    return Ok::<_, StoreError>(Transition {
+                        outcome: (claim.outcome, None),
+                        changed: claim.changed,
+                        effects: claim.effects,
+                    });
+                }
+                let claimed_env = TransitionEnv {
+                    lease_epoch: LeaseEpoch(env.lease_epoch.0.saturating_add(1)),
+                    ..env.clone()
+                };
+                let dispatched = dispatch(run, &claimed_env);
+                let mut effects = claim.effects;
+                effects.append(dispatched.effects);
+                Ok(Transition {
+                    outcome: (ClaimOutcome::Claimed, Some(dispatched.outcome)),
+                    changed: true,
+                    effects,
+                })
             },
         )
         .await;
-        let result = match claimed {
-            Ok(claim) if claim.outcome == ClaimOutcome::Claimed => {
-                let second = run_doc(&claim.run).map(|doc| {
-                    let now = i64::try_from(claim.now_ms).unwrap_or(i64::MAX);
-                    LockedRow {
-                        run_id: claim.run.run_id.clone(),
-                        lease_epoch: claim.lease_epoch,
-                        activity_at_ms: activity_at_ms.max(now),
-                        doc,
+        let result = match applied {
+            Ok(Applied {
+                outcome,
+                changed,
+                run,
+                lease_epoch,
+                now_ms,
+                outbox_ids,
+                effects,
+            }) => match outcome {
+                (outcome, Some(dispatch_outcome)) => {
+                    free -= 1;
+                    if let Some(r) = root {
+                        held.insert(r);
                     }
-                });
-                let dispatched = match second {
-                    Ok(second) => {
-                        apply_locked(
-                            &sp,
-                            second,
-                            Fence::Epoch(claim.lease_epoch),
-                            &plain,
-                            |run, env| Ok::<_, StoreError>(dispatch(run, env)),
-                        )
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
-                match dispatched {
-                    Ok(dispatch) => {
-                        free -= 1;
-                        if let Some(r) = root {
-                            held.insert(r);
-                        }
-                        Ok(ClaimItemOutcome::Claimed {
-                            claim: Box::new(claim),
-                            dispatch: Box::new(dispatch),
-                        })
-                    }
-                    Err(e) => Err(e),
+                    // One write, reported as its two parts; the persisted effects and outbox rows
+                    // belong to the dispatch part so they are handled once.
+                    let claim = Applied {
+                        outcome,
+                        changed,
+                        run: run.clone(),
+                        lease_epoch,
+                        now_ms,
+                        outbox_ids: Vec::new(),
+                        effects: Default::default(),
+                    };
+                    let dispatch = Applied {
+                        outcome: dispatch_outcome,
+                        changed,
+                        run,
+                        lease_epoch,
+                        now_ms,
+                        outbox_ids,
+                        effects,
+                    };
+                    Ok(ClaimItemOutcome::Claimed {
+                        claim: Box::new(claim),
+                        dispatch: Box::new(dispatch),
+                    })
                 }
-            }
-            Ok(settled) => Ok(ClaimItemOutcome::Settled(Box::new(settled))),
+                (outcome, None) => Ok(ClaimItemOutcome::Settled(Box::new(Applied {
+                    outcome,
+                    changed,
+                    run,
+                    lease_epoch,
+                    now_ms,
+                    outbox_ids,
+                    effects,
+                }))),
+            },
             Err(e) => Err(e),
         };
         match &result {
