@@ -1097,12 +1097,13 @@ impl PauseOutcome {
     }
 
     pub fn http_status(&self) -> u16 {
-        if self.error_code().is_some() {
-            409
-        } else {
-            200
-        }
+        operator_http_status(self.error_code())
     }
+}
+
+/// Operator actions answer 409 with their error code when refused, else 200 (spec §2.2).
+fn operator_http_status(error_code: Option<&'static str>) -> u16 {
+    if error_code.is_some() { 409 } else { 200 }
 }
 
 /// `POST /automations/v2/runs/{id}/pause` (spec §2.2) on the locked row.
@@ -1177,11 +1178,7 @@ impl ResumeOutcome {
     }
 
     pub fn http_status(&self) -> u16 {
-        if self.error_code().is_some() {
-            409
-        } else {
-            200
-        }
+        operator_http_status(self.error_code())
     }
 }
 
