@@ -507,6 +507,64 @@ async fn workspace_lock_claims_one_run_per_root_and_records_the_reason() -> anyh
 }
 
 #[tokio::test]
+async fn a_failing_set_write_falls_back_to_run_by_run_and_leaves_only_the_bad_run()
+-> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    let now = db_now(&pool).await?;
+    for (i, id) in ["a", "poison", "c"].iter().enumerate() {
+        create_on_root(&pool, id, None, now + i as u64).await?;
+    }
+    // A constraint the set-based write cannot satisfy for one run: the whole statement fails,
+    // so the claim must redo the batch with a savepoint per run.
+    let c = pool.get().await?;
+    c.batch_execute(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.run_id = 'poison' AND NEW.status = 'running' THEN
+             RAISE EXCEPTION 'poisoned row';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_poison BEFORE UPDATE ON runs
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .await?;
+    let report = claim_dispatching(&pool, 8).await?;
+    assert_eq!(claimed_ids(&report), vec!["a", "c"]);
+    let poison = report
+        .items
+        .iter()
+        .find(|i| i.run_id == "poison")
+        .context("poison examined")?;
+    assert!(
+        matches!(&poison.result, Err(e) if e.to_string().contains("poisoned row")),
+        "{poison:?}"
+    );
+    assert_eq!(count_status(&pool, "running").await?, 2);
+    assert_eq!(
+        tandem_store::get_run(&pool, "poison").await?.status,
+        AutomationRunStatus::Queued
+    );
+    for id in ["a", "c"] {
+        assert_eq!(epoch_of(&pool, id).await?, 1, "{id} claimed once");
+    }
+    let tasks: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE subject_kind = 'task'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        tasks, 2,
+        "one task per claimed run, none for the rolled-back one"
+    );
+    drop(c);
+    drop(pool);
+    db.drop_db().await
+}
+
+#[tokio::test]
 async fn capacity_queue_reason_is_recorded_once_and_wins_after_the_lock() -> anyhow::Result<()> {
     let (db, pool) = TestDb::migrated().await?;
     let now = db_now(&pool).await?;

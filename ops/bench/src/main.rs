@@ -286,6 +286,10 @@ async fn scheduler(runs: usize, e2e_runs: usize, rate: u64, seconds: u64) -> any
         let prefix = unique("bench");
         let fleet = Fleet::start(&db.url, &prefix, 2, 2, 10_000_000).await?;
         let settings = StoreSettings::new(GatePolicyDefaults::default());
+        // Enqueuers hint the schedulers as the API does; the poll is only the fallback.
+        let nats =
+            tandem_bus::connect(&tandem_bus::NatsOptions::new(nats_url()), "tandem-bench").await?;
+        let wake = tandem_bus::wake_scheduler_subject(&tandem_bus::Prefix::new(&prefix)?);
         let spec = noop_spec();
         let total = rate * seconds;
         let tick = Duration::from_micros(1_000_000 / rate.max(1));
@@ -309,8 +313,11 @@ async fn scheduler(runs: usize, e2e_runs: usize, rate: u64, seconds: u64) -> any
             );
             let pool = pool.clone();
             // Inserted concurrently so the enqueue rate does not depend on insert latency.
+            let (nats, wake) = (nats.clone(), wake.clone());
             inserts.push(tokio::spawn(async move {
-                tandem_store::create_run(&pool, &run, &Effects::default(), &settings).await
+                tandem_store::create_run(&pool, &run, &Effects::default(), &settings).await?;
+                tandem_bus::wake(&nats, wake).await?;
+                anyhow::Ok(())
             }));
         }
         for insert in inserts {

@@ -11,12 +11,12 @@ use tandem_store::MAX_CLAIM_BATCH;
 /// `tandem-scheduler` flags.
 #[derive(Debug, Clone, Args)]
 pub struct SchedulerArgs {
-    /// Queued runs examined per claim transaction (1-64). A full batch is followed at once by the
+    /// Queued runs examined per claim transaction (1-512). A full batch is followed at once by the
     /// next.
     #[arg(
         long = "claim-batch",
         env = "TANDEM_SCHEDULER_CLAIM_BATCH",
-        default_value_t = 64,
+        default_value_t = 256,
         value_parser = clap::value_parser!(u16).range(1..=MAX_CLAIM_BATCH as i64)
     )]
     pub claim_batch: u16,
@@ -33,7 +33,7 @@ pub struct SchedulerArgs {
     #[arg(
         long = "results-batch",
         env = "TANDEM_SCHEDULER_RESULTS_BATCH",
-        default_value_t = 64,
+        default_value_t = 256,
         value_parser = clap::value_parser!(u16).range(1..=1024)
     )]
     pub results_batch: u16,
@@ -113,7 +113,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
-            claim_batch: MAX_CLAIM_BATCH,
+            claim_batch: 256,
             poll_interval: Duration::from_secs(1),
             results_batch: 64,
             results_concurrency: 8,

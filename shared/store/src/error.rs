@@ -37,6 +37,17 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// The connection or the pool failed, not a statement: nothing more can be done on it.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            StoreError::Pool(_) => true,
+            StoreError::Db(e) => e.is_closed(),
+            _ => false,
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     /// Unique violations become [`StoreError::Conflict`] so callers can match on them.
     fn from(e: tokio_postgres::Error) -> Self {

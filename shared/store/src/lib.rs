@@ -16,6 +16,7 @@ mod pool;
 mod runs;
 mod transition;
 mod types;
+mod write;
 
 pub use audit::{MAX_LINK_BATCH, audit_record_hash, link_audit_chain, verify_audit_chain};
 pub use automations::{get_automation, insert_automation, list_automations, upsert_automation};

@@ -16,113 +16,15 @@
 //! * a row that failed to publish is released with [`release_outbox`] and retried later.
 
 use crate::StoreError;
-use crate::convert::ms_to_db;
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::Pool;
 use serde_json::{Map, Value, json};
 use std::time::Duration;
-use tandem_core::audit::DURABILITY_REQUIRED;
 use tandem_core::protocol::TaskMessage;
-use tandem_core::{Effects, EventDraft, Millis};
+use tandem_core::{EventDraft, Millis};
 use uuid::Uuid;
 
 /// `outbox.event_type` of task rows (events carry their engine event type).
 pub const TASK_ROW_TYPE: &str = "task.dispatch";
-
-/// Inserts the audit drafts (unlinked: the chainer assigns seq and hashes later) and the outbox
-/// events of one transition. Returns the outbox row ids.
-pub(crate) async fn insert_effects(
-    tx: &Transaction<'_>,
-    effects: &Effects,
-    now_ms: Millis,
-) -> Result<Vec<i64>, StoreError> {
-    let now = ms_to_db(now_ms, "database clock")?;
-    if !effects.audit.is_empty() {
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO audit_log (event_id, durability, event_type, tenant, actor, payload,
-                                        created_at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .await?;
-        for a in &effects.audit {
-            let tenant = serde_json::to_value(&a.tenant_context)?;
-            tx.execute(
-                &stmt,
-                &[
-                    &Uuid::new_v4(),
-                    &DURABILITY_REQUIRED,
-                    &a.event_type,
-                    &tenant,
-                    &a.actor,
-                    &a.payload,
-                    &now,
-                ],
-            )
-            .await?;
-        }
-    }
-    let mut ids = Vec::with_capacity(effects.events.len() + effects.tasks.len());
-    if !effects.events.is_empty() {
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO outbox (event_id, run_id, event_type, org_id, workspace_id, dedupe_id,
-                                     payload)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 RETURNING id",
-            )
-            .await?;
-        for e in &effects.events {
-            let event_id = Uuid::now_v7();
-            let payload = engine_event(e, event_id, now_ms)?;
-            let dedupe_id = e.dedupe_key.clone().unwrap_or_else(|| event_id.to_string());
-            let row = tx
-                .query_one(
-                    &stmt,
-                    &[
-                        &event_id,
-                        &e.run_id,
-                        &e.event_type,
-                        &e.tenant_context.org_id,
-                        &e.tenant_context.workspace_id,
-                        &dedupe_id,
-                        &payload,
-                    ],
-                )
-                .await?;
-            ids.push(row.try_get(0)?);
-        }
-    }
-    if !effects.tasks.is_empty() {
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO outbox (event_id, run_id, event_type, org_id, workspace_id, dedupe_id,
-                                     payload, subject_kind, task_queue)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'task', $8)
-                 RETURNING id",
-            )
-            .await?;
-        for t in &effects.tasks {
-            let payload = serde_json::to_value(t)?;
-            let row = tx
-                .query_one(
-                    &stmt,
-                    &[
-                        &Uuid::now_v7(),
-                        &t.run_id,
-                        &TASK_ROW_TYPE,
-                        &t.tenant_context.org_id,
-                        &t.tenant_context.workspace_id,
-                        &t.task_id(),
-                        &payload,
-                        &t.queue,
-                    ],
-                )
-                .await?;
-            ids.push(row.try_get(0)?);
-        }
-    }
-    Ok(ids)
-}
 
 /// The upstream `EngineEvent` wire shape (spec §1.15) with its envelope filled in by the writer,
 /// so that every replica publishes byte-identical payloads for a row.

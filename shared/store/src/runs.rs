@@ -1,9 +1,9 @@
 //! Runs: creation, reads, the minimal fenced claim and activity heartbeats.
 
 use crate::convert::{ms_from_db, ms_to_db, opt_ms_from_db, opt_ms_to_db, run_doc, run_from_doc};
-use crate::outbox::insert_effects;
+use crate::write::{RunRecords, insert_run_records};
 use crate::{LeaseEpoch, StoreError, StoreSettings, StoredRun};
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::Pool;
 use tandem_core::{AutomationRunStatus, AutomationV2RunRecord, Effects, Millis};
 use tokio_postgres::Row;
 
@@ -95,8 +95,12 @@ pub async fn create_run(
         .await?;
     let activity_at_ms = ms_from_db(row.try_get(0)?, "activity_at_ms")?;
     let now_ms = ms_from_db(row.try_get(1)?, "database clock")?;
-    insert_lifecycle(&tx, &run.run_id, &run.checkpoint.lifecycle_history).await?;
-    insert_effects(&tx, effects, now_ms).await?;
+    let records = RunRecords {
+        run_id: &run.run_id,
+        lifecycle: &run.checkpoint.lifecycle_history,
+        effects,
+    };
+    insert_run_records(&tx, &[records], now_ms).await?;
     tx.commit().await?;
     Ok(StoredRun {
         run: run.clone(),
@@ -104,30 +108,6 @@ pub async fn create_run(
         activity_at_ms,
         next_action_at_ms: next_action_at(run, settings),
     })
-}
-
-/// Appends lifecycle records in order.
-pub(crate) async fn insert_lifecycle(
-    tx: &Transaction<'_>,
-    run_id: &str,
-    records: &[tandem_core::AutomationLifecycleRecord],
-) -> Result<(), StoreError> {
-    if records.is_empty() {
-        return Ok(());
-    }
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO run_lifecycle (run_id, event, recorded_at_ms, record)
-             VALUES ($1, $2, $3, $4)",
-        )
-        .await?;
-    for r in records {
-        let record = serde_json::to_value(r)?;
-        let at = ms_to_db(r.recorded_at_ms, "lifecycle recorded_at_ms")?;
-        tx.execute(&stmt, &[&run_id, &r.event, &at, &record])
-            .await?;
-    }
-    Ok(())
 }
 
 /// Columns every full-run read selects, in this order; see [`stored_run_from_row`].

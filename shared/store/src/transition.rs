@@ -14,10 +14,10 @@
 //!   (`running`/`pausing`): entering is a new claim, leaving ends the claim, so a writer still
 //!   holding the old epoch (a worker whose run was reaped, cancelled or paused) is fenced.
 
-use crate::convert::{ms_from_db, ms_to_db, run_doc};
+use crate::convert::{ms_from_db, ms_to_db};
 use crate::governance::scoped_snapshot;
-use crate::outbox::insert_effects;
-use crate::runs::{DB_NOW_MS, HotColumns, insert_lifecycle};
+use crate::runs::DB_NOW_MS;
+use crate::write::{prepare_write, write_runs};
 use crate::{Applied, Fence, LeaseEpoch, StoreError, StoreSettings, TransitionEnv};
 use deadpool_postgres::{Pool, Transaction};
 use serde_json::Value;
@@ -360,69 +360,8 @@ async fn persist<T>(
     env: &TransitionEnv,
     settings: &StoreSettings,
 ) -> Result<(LeaseEpoch, Vec<i64>), StoreError> {
-    if run.run_id != before.run_id {
-        return Err(StoreError::Invalid(format!(
-            "a transition changed run_id {} to {}",
-            before.run_id, run.run_id
-        )));
-    }
-    let old = &before.checkpoint.lifecycle_history;
-    let new = &run.checkpoint.lifecycle_history;
-    if new.len() < old.len() || new[..old.len()] != old[..] {
-        return Err(StoreError::Invalid(format!(
-            "a transition of run {} rewrote its lifecycle history (append-only)",
-            run.run_id
-        )));
-    }
-    let appended = &new[old.len()..];
-    if appended != transition.effects.lifecycle.as_slice() {
-        tracing::warn!(
-            run_id = %run.run_id,
-            "lifecycle effects differ from the records appended to the run; persisting the run's"
-        );
-    }
-    let lease_epoch = if before.status.holds_workspace_lock() != run.status.holds_workspace_lock() {
-        LeaseEpoch(env.lease_epoch.0.saturating_add(1))
-    } else {
-        env.lease_epoch
-    };
-    let hot = HotColumns::of(run, settings)?;
-    let doc = run_doc(run)?;
-    let now = ms_to_db(env.now_ms, "database clock")?;
-    let status_changed = before.status != run.status;
-    let stmt = tx
-        .prepare_cached(
-            "UPDATE runs
-                SET automation_id = $2, org_id = $3, workspace_id = $4, status = $5,
-                    lease_epoch = $6, workspace_root = $7, created_at_ms = $8,
-                    updated_at_ms = $9,
-                    activity_at_ms = CASE WHEN $10 THEN greatest(activity_at_ms, $11)
-                                          ELSE activity_at_ms END,
-                    next_action_at_ms = $12, stop_kind = $13, doc = $14
-              WHERE run_id = $1",
-        )
-        .await?;
-    tx.execute(
-        &stmt,
-        &[
-            &run.run_id,
-            &hot.automation_id,
-            &hot.org_id,
-            &hot.workspace_id,
-            &hot.status,
-            &lease_epoch.0,
-            &hot.workspace_root,
-            &hot.created_at_ms,
-            &hot.updated_at_ms,
-            &status_changed,
-            &now,
-            &hot.next_action_at_ms,
-            &hot.stop_kind,
-            &doc,
-        ],
-    )
-    .await?;
-    insert_lifecycle(tx, &run.run_id, appended).await?;
-    let outbox_ids = insert_effects(tx, &transition.effects, env.now_ms).await?;
-    Ok((lease_epoch, outbox_ids))
+    let write = prepare_write(before, run, &transition.effects, env, settings)?;
+    let lease_epoch = write.lease_epoch;
+    let mut ids = write_runs(tx, &[write], env.now_ms).await?;
+    Ok((lease_epoch, ids.pop().unwrap_or_default()))
 }
