@@ -54,9 +54,7 @@ use tandem_core::config::LifecycleSettings;
 use tandem_core::protocol::{TaskCancel, TaskProgress, TaskResult};
 use tandem_core::{AutomationRunStatus, claim::ClaimOutcome};
 use tandem_runtime::{Relay, Shutdown, backoff};
-use tandem_store::{
-    ClaimItemOutcome, ClaimLimits, Fence, LeaseEpoch, Pool, StoreError, StoreSettings,
-};
+use tandem_store::{ClaimItemOutcome, ClaimLimits, LeaseEpoch, Pool, StoreError, StoreSettings};
 use tokio::sync::Notify;
 
 pub use config::{SchedulerArgs, SchedulerConfig};
@@ -68,6 +66,8 @@ pub const RESULTS_CONSUMER: &str = "tandem-scheduler-results";
 pub const PROGRESS_QUEUE_GROUP: &str = "tandem-scheduler";
 /// Consecutive failed fetches after which the results loop re-binds its consumer.
 pub const RESULTS_FETCH_FAILURES_BEFORE_REBIND: u32 = 5;
+/// Results per transaction below which a fetched batch is not split further.
+const RESULTS_PER_TRANSACTION: usize = 16;
 /// Claimed runs re-evaluated per transaction by [`Scheduler::tick_claimed`].
 const TICK_CHUNK: usize = 50;
 
@@ -139,10 +139,29 @@ pub enum ResultError {
     Malformed(String),
     /// The database refused for a reason that will not go away by retrying (corrupt row): dead-letter.
     #[error("task result cannot be applied: {0}")]
-    Permanent(StoreError),
+    Permanent(String),
     /// The database is unavailable or busy: redeliver later.
     #[error("task result not applied yet: {0}")]
-    Transient(StoreError),
+    Transient(String),
+}
+
+impl ResultError {
+    fn from_store(e: StoreError) -> Self {
+        if is_transient(&e) {
+            ResultError::Transient(e.to_string())
+        } else {
+            ResultError::Permanent(e.to_string())
+        }
+    }
+
+    /// The same error for another result of the same run.
+    fn same(&self) -> Self {
+        match self {
+            ResultError::Malformed(m) => ResultError::Malformed(m.clone()),
+            ResultError::Permanent(m) => ResultError::Permanent(m.clone()),
+            ResultError::Transient(m) => ResultError::Transient(m.clone()),
+        }
+    }
 }
 
 struct Inner {
@@ -181,6 +200,14 @@ fn reason_label(r: tandem_core::QueueReason) -> &'static str {
         tandem_core::QueueReason::WorkspaceLock => "workspace_lock",
         tandem_core::QueueReason::RateLimit => "rate_limit",
     }
+}
+
+/// Which of `groups` transactions a result subject (one per run) goes to.
+fn run_partition(subject: &str, groups: usize) -> usize {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    subject.hash(&mut h);
+    usize::try_from(h.finish() % groups.max(1) as u64).unwrap_or(0)
 }
 
 fn is_transient(e: &StoreError) -> bool {
@@ -562,71 +589,130 @@ impl Scheduler {
         Ok(consumer)
     }
 
-    /// Applies one result in one transaction (fenced by attempt and lease epoch inside the core
-    /// transition), then relays, cancels and wakes. Dropped results are counted.
+    /// Applies one result (see [`Self::apply_results`]).
     pub async fn apply_result(&self, result: &TaskResult) -> Result<ResultApplied, ResultError> {
+        self.apply_results(std::slice::from_ref(result))
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(ResultError::Permanent("no outcome for the result".into())))
+    }
+
+    /// Applies results in one transaction: their runs are locked in run id order, each run's
+    /// results are applied in arrival order (fenced by attempt and lease epoch inside the core
+    /// transition), and every changed run is written with set statements, its activity time
+    /// moved to the database clock (a result is worker activity). Then relays, cancels and
+    /// wakes once for the batch. Returns one outcome per result, in order; dropped results are
+    /// counted.
+    pub async fn apply_results(
+        &self,
+        results: &[TaskResult],
+    ) -> Result<Vec<Result<ResultApplied, ResultError>>, ResultError> {
         let started = Instant::now();
         let gates = self.inner.lifecycle.gates;
-        let applied = tandem_store::transition_run(
+        let mut by_run: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, r) in results.iter().enumerate() {
+            by_run.entry(r.run_id.as_str()).or_default().push(i);
+        }
+        let run_ids: Vec<String> = by_run.keys().map(|id| (*id).to_owned()).collect();
+        let items = tandem_store::transition_runs(
             &self.inner.pool,
-            &result.run_id,
-            Fence::Unfenced,
+            &run_ids,
             &self.inner.store,
-            |run, env| exec::apply_result(run, env, result, &gates),
+            true,
+            |run, env| {
+                let mut outcomes = Vec::new();
+                let mut changed = false;
+                let mut effects = tandem_core::Effects::default();
+                for &i in by_run.get(run.run_id.as_str()).into_iter().flatten() {
+                    let t = exec::apply_result(run, env, &results[i], &gates);
+                    changed |= t.changed;
+                    effects.append(t.effects);
+                    outcomes.push((i, t.outcome));
+                }
+                tandem_core::Transition {
+                    outcome: outcomes,
+                    changed,
+                    effects,
+                }
+            },
         )
-        .await;
-        let applied = match applied {
-            Ok(a) => a,
-            Err(StoreError::NotFound(_)) => {
-                return Ok(self.dropped("unknown_run", result));
-            }
-            Err(e) if is_transient(&e) => return Err(ResultError::Transient(e)),
-            Err(e) => return Err(ResultError::Permanent(e)),
-        };
-        if let ResultDisposition::Dropped(reason) = &applied.outcome {
-            return Ok(self.dropped(reason, result));
-        }
-        metrics::counter!("tandem_scheduler_results_applied_total").increment(1);
-        bump(&self.inner.counters.results_applied, 1);
-        metrics::histogram!("tandem_scheduler_result_seconds")
-            .record(started.elapsed().as_secs_f64());
-        let tasks = applied.effects.tasks.len();
-        if tasks > 0 {
-            metrics::counter!("tandem_scheduler_tasks_dispatched_total").increment(tasks as u64);
-            bump(&self.inner.counters.tasks_dispatched, tasks as u64);
-        }
-        let status = applied.run.status;
-        if applied.changed {
-            // A result is worker activity: keep the run fresh for the stale reaper (fenced).
-            if status == AutomationRunStatus::Running
-                && let Err(e) = tandem_store::touch_activity(
-                    &self.inner.pool,
-                    &result.run_id,
-                    applied.lease_epoch,
-                )
-                .await
-            {
-                tracing::debug!(run_id = %result.run_id, error = %e, "activity after result not recorded");
-            }
-            let cancels: Vec<(String, LeaseEpoch)> = applied
-                .effects
-                .cancel_tasks_of
-                .iter()
-                .map(|r| (r.clone(), applied.lease_epoch))
-                .collect();
-            let runs = if applied.outbox_ids.is_empty() {
-                Vec::new()
-            } else {
-                vec![result.run_id.clone()]
+        .await
+        .map_err(ResultError::from_store)?;
+
+        let mut outcomes: Vec<Option<Result<ResultApplied, ResultError>>> =
+            results.iter().map(|_| None).collect();
+        let mut relay = Vec::new();
+        let mut cancels = Vec::new();
+        let mut wake = false;
+        for item in items {
+            let indices = by_run
+                .get(item.run_id.as_str())
+                .cloned()
+                .unwrap_or_default();
+            let applied = match item.result {
+                Ok(a) => a,
+                Err(StoreError::NotFound(_)) => {
+                    for i in indices {
+                        outcomes[i] = Some(Ok(self.dropped("unknown_run", &results[i])));
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let e = ResultError::from_store(e);
+                    for i in indices {
+                        outcomes[i] = Some(Err(e.same()));
+                    }
+                    continue;
+                }
             };
-            let wake =
+            let status = applied.run.status;
+            let mut tasks = applied.effects.tasks.len();
+            for (i, disposition) in &applied.outcome {
+                let outcome = match disposition {
+                    ResultDisposition::Dropped(reason) => self.dropped(reason, &results[*i]),
+                    ResultDisposition::Applied => {
+                        metrics::counter!("tandem_scheduler_results_applied_total").increment(1);
+                        bump(&self.inner.counters.results_applied, 1);
+                        metrics::histogram!("tandem_scheduler_result_seconds")
+                            .record(started.elapsed().as_secs_f64());
+                        // The run's dispatches are reported once, with its first applied result.
+                        ResultApplied::Applied {
+                            status,
+                            tasks_dispatched: std::mem::take(&mut tasks),
+                        }
+                    }
+                };
+                outcomes[*i] = Some(Ok(outcome));
+            }
+            if !applied.changed {
+                continue;
+            }
+            let dispatched = applied.effects.tasks.len();
+            if dispatched > 0 {
+                metrics::counter!("tandem_scheduler_tasks_dispatched_total")
+                    .increment(dispatched as u64);
+                bump(&self.inner.counters.tasks_dispatched, dispatched as u64);
+            }
+            cancels.extend(
+                applied
+                    .effects
+                    .cancel_tasks_of
+                    .iter()
+                    .map(|r| (r.clone(), applied.lease_epoch)),
+            );
+            if !applied.outbox_ids.is_empty() {
+                relay.push(item.run_id.clone());
+            }
+            wake |=
                 status != AutomationRunStatus::Running && status != AutomationRunStatus::Pausing;
-            self.after_commit(&runs, &cancels, wake).await;
         }
-        Ok(ResultApplied::Applied {
-            status,
-            tasks_dispatched: tasks,
-        })
+        if !relay.is_empty() || !cancels.is_empty() || wake {
+            self.after_commit(&relay, &cancels, wake).await;
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(ResultError::Permanent("result not reached".into()))))
+            .collect())
     }
 
     fn dropped(&self, reason: &str, result: &TaskResult) -> ResultApplied {
@@ -660,14 +746,52 @@ impl Scheduler {
         Ok(result)
     }
 
-    /// Handles one delivered result message: apply then ack; transient failure → Nak with delay;
-    /// malformed or permanently failing → dead-letter copy, then Term.
+    /// Handles one delivered result message (see [`Self::handle_result_messages`]).
     pub async fn handle_result_message(&self, msg: jetstream::Message) {
+        self.handle_result_messages(vec![msg]).await;
+    }
+
+    /// Handles delivered result messages: parse, apply the results in one transaction, then
+    /// settle each message: ack; transient failure → Nak with delay; malformed or permanently
+    /// failing → dead-letter copy, then Term.
+    pub async fn handle_result_messages(&self, msgs: Vec<jetstream::Message>) {
+        let mut valid = Vec::with_capacity(msgs.len());
+        let mut results = Vec::with_capacity(msgs.len());
+        let mut settle = Vec::new();
+        for msg in msgs {
+            match self.parse_result(msg.subject.as_str(), &msg.payload) {
+                Ok(r) => {
+                    results.push(r);
+                    valid.push(msg);
+                }
+                Err(e) => settle.push((msg, Err(e))),
+            }
+        }
+        if !results.is_empty() {
+            match self.apply_results(&results).await {
+                Ok(outcomes) => settle.extend(
+                    valid
+                        .into_iter()
+                        .zip(outcomes.into_iter().map(|o| o.map(|_| ()))),
+                ),
+                Err(e) => settle.extend(valid.into_iter().map(|m| (m, Err(e.same())))),
+            }
+        }
+        futures::future::join_all(
+            settle
+                .into_iter()
+                .map(|(msg, outcome)| self.settle_result_message(msg, outcome)),
+        )
+        .await;
+    }
+
+    /// Acknowledges a handled result message according to its outcome.
+    async fn settle_result_message(
+        &self,
+        msg: jetstream::Message,
+        outcome: Result<(), ResultError>,
+    ) {
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-        let outcome = match self.parse_result(msg.subject.as_str(), &msg.payload) {
-            Ok(result) => self.apply_result(&result).await.map(|_| ()),
-            Err(e) => Err(e),
-        };
         let ack = match outcome {
             Ok(()) => msg.double_ack().await,
             Err(ResultError::Transient(e)) => {
@@ -785,14 +909,31 @@ impl Scheduler {
                 }
             };
             failures = backoff::Backoff::default();
-            messages
-                .for_each_concurrent(concurrency, |m| async move {
-                    match m {
-                        Ok(msg) => self.handle_result_message(msg).await,
-                        Err(e) => tracing::debug!(error = %e, "result fetch item failed"),
-                    }
+            let msgs: Vec<jetstream::Message> = messages
+                .filter_map(|m| async move {
+                    m.map_err(|e| tracing::debug!(error = %e, "result fetch item failed"))
+                        .ok()
                 })
+                .collect()
                 .await;
+            // Up to `concurrency` transactions per batch, each owning whole runs (a run's results
+            // stay in order, and two transactions never wait on each other's rows).
+            let groups = msgs
+                .len()
+                .div_ceil(RESULTS_PER_TRANSACTION)
+                .clamp(1, concurrency);
+            let mut parts: Vec<Vec<jetstream::Message>> = (0..groups).map(|_| Vec::new()).collect();
+            for msg in msgs {
+                let part = run_partition(msg.subject.as_str(), groups);
+                parts[part].push(msg);
+            }
+            futures::future::join_all(
+                parts
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .map(|p| self.handle_result_messages(p)),
+            )
+            .await;
         }
     }
 

@@ -21,26 +21,23 @@
 //! 5. A waiting run's `scheduler.queue_reason`/`resource_key` is written only when it differs from
 //!    the stored one, so an idle fleet at capacity writes nothing.
 //!
-//! Each candidate runs under its own savepoint, so one failing run (a corrupt row, a workspace-lock
-//! conflict from `runs_workspace_lock_idx`, which stays the backstop) does not undo the others.
-//! The lock is held for one short transaction; a replica that finds nothing queued does not take
-//! it at all.
+//! The decisions are made in memory on the locked rows, and every changed run is written with one
+//! statement per table (`crate::write`), so a batch costs a fixed number of round trips. When
+//! that write fails (a corrupt row, a workspace-lock conflict from `runs_workspace_lock_idx`,
+//! which stays the backstop), the runs are written one by one under savepoints and only the
+//! failing run stays queued. The lock is held for one short transaction; a replica that finds
+//! nothing queued does not take it at all.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-use crate::convert::{ms_from_db, run_from_doc};
-use crate::governance::scoped_snapshot;
-use crate::runs::DB_NOW_MS;
-use crate::transition::{LockedRow, apply_locked};
-use crate::write::{prepare_write, write_runs};
-use crate::{Applied, Fence, LeaseEpoch, StoreError, StoreSettings, TransitionEnv};
+use crate::transition::{Changed, LoadedRun, LockedRow, WriteResult, load_envs, write_changed};
+use crate::{Applied, LeaseEpoch, StoreError, StoreSettings, TransitionEnv};
 use deadpool_postgres::{Client, Pool, Transaction};
 use serde_json::Value;
 use tandem_core::claim::{ClaimOutcome, claim_run};
 use tandem_core::governance::GovernanceSnapshot;
 use tandem_core::{
-    AutomationV2RunRecord, AutomationV2Spec, Effects, Millis, QueueReason, SchedulerMetadata,
-    Transition, update,
+    AutomationV2RunRecord, Effects, QueueReason, SchedulerMetadata, Transition, update,
 };
 use tokio_postgres::Row;
 
@@ -51,10 +48,6 @@ pub const CLAIM_LOCK_KEY: i64 = 0x7461_6e64_656d_636c;
 /// a handful of statements, so the bound only keeps the fleet-wide lock's hold time short.
 pub const MAX_CLAIM_BATCH: usize = 512;
 
-/// Candidates of the run-by-run fallback: each gets a savepoint, and PostgreSQL caches 64
-/// subtransaction ids per backend before snapshots of every session slow down.
-pub const ISOLATED_CLAIM_BATCH: usize = 50;
-
 /// The candidate select of [`claim_runs`]: `$1` is the batch size. Public for `EXPLAIN` tests.
 pub const CLAIM_CANDIDATES_SQL: &str = "
     SELECT r.run_id, r.lease_epoch, r.activity_at_ms, r.doc, r.workspace_root
@@ -63,21 +56,6 @@ pub const CLAIM_CANDIDATES_SQL: &str = "
      ORDER BY r.created_at_ms, r.run_id
      LIMIT $1
        FOR UPDATE OF r SKIP LOCKED";
-
-/// The lifecycle history of each run of `$1` (runs without records are absent), and the database
-/// clock (always one row: the clock with a NULL run id when no run has records).
-fn claim_env_sql() -> String {
-    format!(
-        "SELECT h.run_id, h.records, {DB_NOW_MS}
-           FROM (SELECT 1) one
-           LEFT JOIN (SELECT run_id, jsonb_agg(record ORDER BY id) AS records
-                        FROM run_lifecycle WHERE run_id = ANY($1) GROUP BY run_id) h ON true"
-    )
-}
-
-/// The live definitions of a set of automations.
-const AUTOMATIONS_SQL: &str =
-    "SELECT automation_id, spec FROM automations WHERE automation_id = ANY($1)";
 
 /// Roots (of `$1`) held by a run that holds the workspace lock.
 const HELD_ROOTS_SQL: &str = "
@@ -240,21 +218,7 @@ where
         return Ok(ClaimReport::default());
     }
     let limits = ClaimLimits { batch, ..limits };
-    match claim_set(&mut client, limits, settings, &mut dispatch).await {
-        Ok(report) => Ok(report),
-        Err(e) if e.is_connection() => Err(e),
-        Err(e) => {
-            // A statement of the set-based write failed (a corrupt value, a constraint that
-            // fired): redo a smaller batch with one savepoint per run, so only the bad run stays
-            // behind.
-            tracing::warn!(error = %e, "set-based claim failed; retrying run by run");
-            let limits = ClaimLimits {
-                batch: batch.min(ISOLATED_CLAIM_BATCH),
-                ..limits
-            };
-            claim_isolated(&mut client, limits, settings, &mut dispatch).await
-        }
-    }
+    claim_set(&mut client, limits, settings, &mut dispatch).await
 }
 
 /// The claim transaction's opening: the fleet-wide lock, `running` count, candidates (locked),
@@ -410,28 +374,23 @@ fn claimed_item<D>(applied: Applied<(ClaimOutcome, Option<D>)>) -> ClaimItemOutc
 enum Planned<D> {
     /// Final without a write (waiting, unchanged; or an error).
     Done(ClaimItem<D>),
+    /// Changed: the run id and its index among the changed runs.
+    Write(String, usize),
+}
+
+/// What a changed candidate's write means.
+enum Plan<D> {
+    /// Its queue reason is recorded.
     Wait {
-        run_id: String,
         reason: QueueReason,
         key: Option<String>,
-        write: PlannedWrite<()>,
     },
-    Claim {
-        run_id: String,
-        write: PlannedWrite<(ClaimOutcome, Option<D>)>,
-    },
+    /// Claimed (and dispatched) or settled otherwise.
+    Claim((ClaimOutcome, Option<D>)),
 }
 
-/// A changed run waiting to be written.
-struct PlannedWrite<T> {
-    before: AutomationV2RunRecord,
-    run: AutomationV2RunRecord,
-    env: TransitionEnv,
-    transition: Transition<T>,
-}
-
-/// The set-based claim: decisions in memory, then one statement per table for the whole batch
-/// (see `crate::write`). No savepoints, so the batch may be large.
+/// The claim: decisions in memory, then one statement per table for the whole batch (see
+/// `crate::write`; when that fails, run by run under savepoints, so only a bad run stays queued).
 async fn claim_set<D, F>(
     client: &mut Client,
     limits: ClaimLimits,
@@ -441,7 +400,7 @@ async fn claim_set<D, F>(
 where
     F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<D>,
 {
-    let tx = client.transaction().await?;
+    let mut tx = client.transaction().await?;
     let ClaimStart {
         running_before,
         rows,
@@ -503,108 +462,21 @@ where
         });
     }
 
-    let ids: Vec<&str> = candidates
-        .iter()
-        .map(|(_, c)| c.locked.run_id.as_str())
-        .collect();
-    let env_rows = tx
-        .query(&tx.prepare_cached(&claim_env_sql()).await?, &[&ids])
-        .await?;
-    let mut history: HashMap<String, Value> = HashMap::with_capacity(env_rows.len());
-    let mut now_ms: Option<Millis> = None;
-    for r in &env_rows {
-        now_ms = Some(ms_from_db(r.try_get(2)?, "database clock")?);
-        if let Some(id) = r.try_get::<_, Option<String>>(0)? {
-            history.insert(id, r.try_get(1)?);
-        }
-    }
-    let now_ms = match now_ms {
-        Some(n) => n,
-        None => {
-            return Err(StoreError::Invalid(
-                "claim environment query returned no row".into(),
-            ));
-        }
-    };
-
-    // Parse every candidate, then load the automations and governance for all of them at once.
-    let mut parsed: Vec<(usize, Candidate, Result<AutomationV2RunRecord, StoreError>)> =
-        Vec::with_capacity(candidates.len());
+    let mut slots = Vec::with_capacity(candidates.len());
+    let mut roots = Vec::with_capacity(candidates.len());
+    let mut locked = Vec::with_capacity(candidates.len());
     for (slot, c) in candidates {
-        let lifecycle = history.remove(&c.locked.run_id).unwrap_or(Value::Null);
-        let run = run_from_doc(c.locked.doc.clone(), lifecycle);
-        parsed.push((slot, c, run));
+        slots.push(slot);
+        roots.push(c.root);
+        locked.push(c.locked);
     }
-    let mut automation_ids: Vec<&str> = parsed
-        .iter()
-        .filter_map(|(_, _, r)| r.as_ref().ok().map(|r| r.automation_id.as_str()))
-        .collect();
-    automation_ids.sort_unstable();
-    automation_ids.dedup();
-    let mut live: HashMap<String, AutomationV2Spec> = HashMap::new();
-    let mut live_errors: HashMap<String, String> = HashMap::new();
-    let stmt = tx.prepare_cached(AUTOMATIONS_SQL).await?;
-    for r in tx.query(&stmt, &[&automation_ids]).await? {
-        let id: String = r.try_get(0)?;
-        match serde_json::from_value::<AutomationV2Spec>(r.try_get(1)?) {
-            Ok(spec) => {
-                live.insert(id, spec);
-            }
-            Err(e) => {
-                live_errors.insert(id, e.to_string());
-            }
-        }
-    }
-    let governance = if settings.with_governance().load_governance {
-        let specs: Vec<&AutomationV2Spec> = live
-            .values()
-            .chain(
-                parsed
-                    .iter()
-                    .filter_map(|(_, _, r)| r.as_ref().ok()?.automation_snapshot.as_ref()),
-            )
-            .collect();
-        Some(scoped_snapshot(&tx, &specs, now_ms).await?)
-    } else {
-        None
-    };
-
+    let loaded = load_envs(&tx, locked, &settings.with_governance()).await?;
     // Decide, in candidate order, with the same admission rules as the run-by-run path.
     let mut free = (cap - running_before).max(0);
-    let mut plans: Vec<(usize, Planned<D>)> = Vec::with_capacity(parsed.len());
-    for (slot, c, run) in parsed {
-        let run_id = c.locked.run_id.clone();
-        let mut run = match run {
-            Ok(r) => r,
-            Err(e) => {
-                plans.push((
-                    slot,
-                    Planned::Done(ClaimItem {
-                        run_id,
-                        result: Err(e),
-                    }),
-                ));
-                continue;
-            }
-        };
-        if let Some(err) = live_errors.get(&run.automation_id) {
-            plans.push((
-                slot,
-                Planned::Done(ClaimItem {
-                    run_id,
-                    result: Err(StoreError::Invalid(format!(
-                        "automation {} has an unreadable spec: {err}",
-                        run.automation_id
-                    ))),
-                }),
-            ));
-            continue;
-        }
-        let (automation, automation_is_live) = match live.get(&run.automation_id) {
-            Some(spec) => (Some(spec.clone()), true),
-            None => (run.automation_snapshot.clone(), false),
-        };
-        let activity_at_ms = match ms_from_db(c.locked.activity_at_ms, "activity_at_ms") {
+    let mut plans: Vec<(usize, Planned<D>)> = Vec::with_capacity(loaded.len());
+    let mut changed: Vec<Changed<Plan<D>>> = Vec::new();
+    for ((slot, root), LoadedRun { run_id, loaded }) in slots.into_iter().zip(roots).zip(loaded) {
+        let (mut run, env) = match loaded {
             Ok(v) => v,
             Err(e) => {
                 plans.push((
@@ -617,18 +489,10 @@ where
                 continue;
             }
         };
-        let env = TransitionEnv {
-            now_ms,
-            lease_epoch: c.locked.lease_epoch,
-            activity_at_ms,
-            automation,
-            automation_is_live,
-            governance: governance.clone(),
-        };
         let before = run.clone();
-        if let Some((reason, key)) = wait_reason(c.root.as_ref(), &held, free) {
-            let transition = wait_transition(&mut run, &env, reason, key.clone());
-            if !transition.changed {
+        if let Some((reason, key)) = wait_reason(root.as_ref(), &held, free) {
+            let t = wait_transition(&mut run, &env, reason, key.clone());
+            if !t.changed {
                 plans.push((
                     slot,
                     Planned::Done(ClaimItem {
@@ -642,36 +506,34 @@ where
                 ));
                 continue;
             }
-            plans.push((
-                slot,
-                Planned::Wait {
-                    run_id,
-                    reason,
-                    key,
-                    write: PlannedWrite {
-                        before,
-                        run,
-                        env,
-                        transition,
-                    },
-                },
-            ));
+            let transition = Transition {
+                outcome: Plan::Wait { reason, key },
+                changed: true,
+                effects: t.effects,
+            };
+            plans.push((slot, Planned::Write(run_id, changed.len())));
+            changed.push(Changed {
+                before,
+                run,
+                env,
+                transition,
+            });
             continue;
         }
-        let transition = claim_and_dispatch(&mut run, &env, dispatch);
-        if transition.outcome.1.is_some() {
+        let t = claim_and_dispatch(&mut run, &env, dispatch);
+        if t.outcome.1.is_some() {
             free -= 1;
-            if let Some(r) = c.root {
+            if let Some(r) = root {
                 held.insert(r);
             }
         }
-        if !transition.changed {
+        if !t.changed {
             let applied = Applied {
-                outcome: transition.outcome,
+                outcome: t.outcome,
                 changed: false,
                 run: before,
                 lease_epoch: env.lease_epoch,
-                now_ms,
+                now_ms: env.now_ms,
                 outbox_ids: Vec::new(),
                 effects: Effects::default(),
             };
@@ -684,83 +546,53 @@ where
             ));
             continue;
         }
-        plans.push((
-            slot,
-            Planned::Claim {
-                run_id,
-                write: PlannedWrite {
-                    before,
-                    run,
-                    env,
-                    transition,
-                },
-            },
-        ));
+        let transition = Transition {
+            outcome: Plan::Claim(t.outcome),
+            changed: true,
+            effects: t.effects,
+        };
+        plans.push((slot, Planned::Write(run_id, changed.len())));
+        changed.push(Changed {
+            before,
+            run,
+            env,
+            transition,
+        });
     }
 
-    // One set-based write for every changed run.
-    let mut writes = Vec::new();
-    for (_, plan) in &plans {
-        let w = match plan {
-            Planned::Done(_) => continue,
-            Planned::Wait { write, .. } => prepare_write(
-                &write.before,
-                &write.run,
-                &write.transition.effects,
-                &write.env,
-                settings,
-            )?,
-            Planned::Claim { write, .. } => prepare_write(
-                &write.before,
-                &write.run,
-                &write.transition.effects,
-                &write.env,
-                settings,
-            )?,
-        };
-        writes.push(w);
-    }
-    let epochs: Vec<LeaseEpoch> = writes.iter().map(|w| w.lease_epoch).collect();
-    let outbox = write_runs(&tx, &writes, now_ms).await?;
-    drop(writes);
-    let any_changed = !epochs.is_empty();
-    let mut written = epochs.into_iter().zip(outbox);
+    // One set-based write for every changed run (run by run if that fails).
+    let written = write_changed(&mut tx, &changed, settings, false).await?;
+    let any_changed = written.iter().any(Result::is_ok);
+    let mut changed: Vec<Option<(Changed<Plan<D>>, WriteResult)>> =
+        changed.into_iter().zip(written).map(Some).collect();
     for (slot, plan) in plans {
         let item = match plan {
             Planned::Done(item) => item,
-            Planned::Wait {
-                run_id,
-                reason,
-                key,
-                ..
-            } => {
-                written.next();
-                ClaimItem {
-                    run_id,
-                    result: Ok(ClaimItemOutcome::Waiting {
-                        reason,
-                        resource_key: key,
-                        recorded: true,
-                    }),
-                }
-            }
-            Planned::Claim { run_id, write } => {
-                let (lease_epoch, outbox_ids) = written.next().ok_or_else(|| {
-                    StoreError::Invalid("claim write results out of step with the plan".into())
-                })?;
-                let applied = Applied {
-                    outcome: write.transition.outcome,
-                    changed: true,
-                    run: write.run,
-                    lease_epoch,
-                    now_ms,
-                    outbox_ids,
-                    effects: write.transition.effects,
+            Planned::Write(run_id, i) => {
+                let result = match changed.get_mut(i).and_then(Option::take) {
+                    Some((c, Ok((lease_epoch, outbox_ids)))) => match c.transition.outcome {
+                        Plan::Wait { reason, key } => Ok(ClaimItemOutcome::Waiting {
+                            reason,
+                            resource_key: key,
+                            recorded: true,
+                        }),
+                        Plan::Claim(outcome) => Ok(claimed_item(Applied {
+                            outcome,
+                            changed: true,
+                            run: c.run,
+                            lease_epoch,
+                            now_ms: c.env.now_ms,
+                            outbox_ids,
+                            effects: c.transition.effects,
+                        })),
+                    },
+                    Some((_, Err(e))) => {
+                        tracing::warn!(run_id = %run_id, error = %e, "claim write failed; the run stays queued");
+                        Err(e)
+                    }
+                    None => Err(StoreError::Invalid("claim plan lost".into())),
                 };
-                ClaimItem {
-                    run_id,
-                    result: Ok(claimed_item(applied)),
-                }
+                ClaimItem { run_id, result }
             }
         };
         if let Some(s) = items.get_mut(slot) {
@@ -775,131 +607,6 @@ where
     Ok(ClaimReport {
         running_before,
         items: items.into_iter().flatten().collect(),
-        full_batch,
-    })
-}
-
-/// The claim with one savepoint per candidate (the fallback of [`claim_runs`]).
-async fn claim_isolated<D, F>(
-    client: &mut Client,
-    limits: ClaimLimits,
-    settings: &StoreSettings,
-    dispatch: &mut F,
-) -> Result<ClaimReport<D>, StoreError>
-where
-    F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<D>,
-{
-    let with_governance = settings.with_governance();
-    let plain = StoreSettings {
-        load_governance: false,
-        ..*settings
-    };
-    let mut tx = client.transaction().await?;
-    let ClaimStart {
-        running_before,
-        rows,
-        mut held,
-        full_batch,
-    } = claim_start(&tx, limits.batch).await?;
-    let cap = i64::from(limits.max_concurrent_runs);
-    let mut free = (cap - running_before).max(0);
-
-    let mut items = Vec::with_capacity(rows.len());
-    let mut any_changed = false;
-    for row in &rows {
-        let (locked, root) = match candidate_of(row) {
-            Ok(v) => v,
-            Err(item) => {
-                items.push(item);
-                continue;
-            }
-        };
-        let run_id = locked.run_id.clone();
-
-        if let Some((reason, key)) = wait_reason(root.as_ref(), &held, free) {
-            if same_wait(&locked.doc, reason, key.as_deref()) {
-                items.push(ClaimItem {
-                    run_id,
-                    result: Ok(ClaimItemOutcome::Waiting {
-                        reason,
-                        resource_key: key,
-                        recorded: false,
-                    }),
-                });
-                continue;
-            }
-            let sp = tx.savepoint("tandem_claim_wait").await?;
-            let k = key.clone();
-            let result = apply_locked(&sp, locked, Fence::Unfenced, &plain, |run, env| {
-                Ok::<_, StoreError>(wait_transition(run, env, reason, k))
-            })
-            .await;
-            let result = match result {
-                Ok(a) => {
-                    if a.changed {
-                        sp.commit().await?;
-                        any_changed = true;
-                    } else {
-                        sp.rollback().await?;
-                    }
-                    Ok(ClaimItemOutcome::Waiting {
-                        reason,
-                        resource_key: key,
-                        recorded: a.changed,
-                    })
-                }
-                Err(e) => {
-                    tracing::warn!(run_id = %run_id, error = %e, "recording queue reason failed; rolled back");
-                    sp.rollback().await?;
-                    Err(e)
-                }
-            };
-            items.push(ClaimItem { run_id, result });
-            continue;
-        }
-
-        // Admissible: claim, and dispatch what became running, in one load and one write under
-        // one savepoint. Entering `running` bumps the lease epoch by one (see `persist`), so the
-        // dispatch runs with the epoch the row will carry.
-        let sp = tx.savepoint("tandem_claim").await?;
-        let applied = apply_locked(
-            &sp,
-            locked,
-            Fence::Unfenced,
-            &with_governance,
-            |run, env| Ok::<_, StoreError>(claim_and_dispatch(run, env, dispatch)),
-        )
-        .await;
-        let result = applied.map(|a| {
-            if a.outcome.1.is_some() {
-                free -= 1;
-                if let Some(r) = root {
-                    held.insert(r);
-                }
-            }
-            claimed_item(a)
-        });
-        match &result {
-            Ok(ClaimItemOutcome::Settled(a)) if !a.changed => sp.rollback().await?,
-            Ok(_) => {
-                sp.commit().await?;
-                any_changed = true;
-            }
-            Err(e) => {
-                tracing::warn!(run_id = %run_id, error = %e, "claim failed; rolled back, the run stays queued");
-                sp.rollback().await?;
-            }
-        }
-        items.push(ClaimItem { run_id, result });
-    }
-    if any_changed {
-        tx.commit().await?;
-    } else {
-        tx.rollback().await?;
-    }
-    Ok(ClaimReport {
-        running_before,
-        items,
         full_batch,
     })
 }

@@ -44,7 +44,7 @@ pub use runs::{
 };
 pub use transition::{
     BatchItem, MAX_BATCH, Sweep, sweep_select_sql, transition_batch, transition_run,
-    try_transition_run,
+    transition_runs, try_transition_run,
 };
 pub use types::{Applied, Fence, LeaseEpoch, StoreSettings, StoredRun, TransitionEnv};
 

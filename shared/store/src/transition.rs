@@ -14,7 +14,9 @@
 //!   (`running`/`pausing`): entering is a new claim, leaving ends the claim, so a writer still
 //!   holding the old epoch (a worker whose run was reaped, cancelled or paused) is fenced.
 
-use crate::convert::{ms_from_db, ms_to_db};
+use std::collections::HashMap;
+
+use crate::convert::{ms_from_db, ms_to_db, run_from_doc};
 use crate::governance::scoped_snapshot;
 use crate::runs::DB_NOW_MS;
 use crate::write::{prepare_write, write_runs};
@@ -23,13 +25,13 @@ use deadpool_postgres::{Pool, Transaction};
 use serde_json::Value;
 use tandem_core::{
     AutomationLifecycleRecord, AutomationRunStatus, AutomationStopKind, AutomationV2RunRecord,
-    AutomationV2Spec, Effects, Transition,
+    AutomationV2Spec, Effects, Millis, Transition,
 };
 use tokio_postgres::Row;
 
-/// Largest batch [`transition_batch`] processes in one transaction. Each run gets a savepoint;
-/// staying under PostgreSQL's 64 cached subtransactions per backend avoids subxid overflow,
-/// which would slow every other session's snapshot checks.
+/// Largest batch [`transition_batch`] processes in one transaction. The batch is written with
+/// set statements; only when that fails does each run get a savepoint, and staying near
+/// PostgreSQL's 64 cached subtransactions per backend keeps that fallback cheap for everyone.
 pub const MAX_BATCH: usize = 50;
 
 /// A locked run row before the closure runs.
@@ -171,8 +173,8 @@ pub fn sweep_select_sql(sweep: &Sweep) -> String {
 #[derive(Debug)]
 pub struct BatchItem<T> {
     pub run_id: String,
-    /// An error here (e.g. a corrupt row or a workspace-lock conflict) was rolled back to the
-    /// run's savepoint; the rest of the batch still commits.
+    /// An error here (e.g. a corrupt row or a workspace-lock conflict) left this run unwritten;
+    /// the rest of the batch still commits.
     pub result: Result<Applied<T>, StoreError>,
 }
 
@@ -182,14 +184,14 @@ pub struct BatchItem<T> {
 /// it is, and the closure must re-check the condition it acts on (the row is locked, so the
 /// check holds until commit).
 ///
-/// Each run is applied under its own savepoint, so one failing run does not undo the others.
-/// Returns one item per selected run, unchanged ones included.
+/// The changed runs are written with set statements (see [`write_changed`]): one failing run does
+/// not undo the others. Returns one item per selected run, unchanged ones included.
 pub async fn transition_batch<T, F>(
     pool: &Pool,
     sweep: &Sweep,
     limit: usize,
     settings: &StoreSettings,
-    mut f: F,
+    f: F,
 ) -> Result<Vec<BatchItem<T>>, StoreError>
 where
     F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<T>,
@@ -211,45 +213,358 @@ where
             tx.query(&stmt, &[&limit]).await?
         }
     };
-    let mut items = Vec::with_capacity(rows.len());
-    let mut any_changed = false;
-    for row in &rows {
-        let locked = match LockedRow::from_row(row) {
-            Ok(l) => l,
-            Err(e) => {
-                let run_id = row.try_get::<_, String>(0).unwrap_or_default();
-                items.push(BatchItem {
-                    run_id,
-                    result: Err(e),
-                });
-                continue;
-            }
-        };
-        let run_id = locked.run_id.clone();
-        let sp = tx.savepoint("tandem_batch_item").await?;
-        let result = apply_locked(&sp, locked, Fence::Unfenced, settings, |run, env| {
-            Ok::<_, StoreError>(f(run, env))
-        })
-        .await;
-        match &result {
-            Ok(a) if a.changed => {
-                sp.commit().await?;
-                any_changed = true;
-            }
-            Ok(_) => sp.rollback().await?,
-            Err(e) => {
-                tracing::warn!(run_id = %run_id, error = %e, "batch transition failed; rolled back");
-                sp.rollback().await?;
-            }
-        }
-        items.push(BatchItem { run_id, result });
-    }
+    let (locked, mut unreadable) = locked_rows(&rows);
+    let (mut items, any_changed) = apply_rows(&mut tx, locked, settings, false, f).await?;
+    items.append(&mut unreadable);
     if any_changed {
         tx.commit().await?;
     } else {
         tx.rollback().await?;
     }
     Ok(items)
+}
+
+/// Applies a transition to each of `run_ids` in one transaction, waiting for row locks (in run id
+/// order, so concurrent callers cannot deadlock). For work that must reach these runs, like task
+/// results; sweeps use [`transition_batch`], which skips locked rows.
+///
+/// `bump_activity`: every changed run's `activity_at_ms` moves to the database clock (a task
+/// result is worker activity). Items come in run id order; an unknown run is a
+/// [`StoreError::NotFound`] item.
+pub async fn transition_runs<T, F>(
+    pool: &Pool,
+    run_ids: &[String],
+    settings: &StoreSettings,
+    bump_activity: bool,
+    f: F,
+) -> Result<Vec<BatchItem<T>>, StoreError>
+where
+    F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<T>,
+{
+    let mut ids: Vec<&str> = run_ids.iter().map(String::as_str).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut client = pool.get().await?;
+    let mut tx = client.transaction().await?;
+    let stmt = tx
+        .prepare_cached(
+            "SELECT run_id, lease_epoch, activity_at_ms, doc FROM runs
+              WHERE run_id = ANY($1) ORDER BY run_id FOR UPDATE",
+        )
+        .await?;
+    let rows = tx.query(&stmt, &[&ids]).await?;
+    let (locked, mut unreadable) = locked_rows(&rows);
+    let (mut items, any_changed) = apply_rows(&mut tx, locked, settings, bump_activity, f).await?;
+    items.append(&mut unreadable);
+    if any_changed {
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
+    }
+    for id in ids {
+        if !items.iter().any(|i| i.run_id == id) {
+            items.push(BatchItem {
+                run_id: id.to_owned(),
+                result: Err(StoreError::NotFound(format!("run {id}"))),
+            });
+        }
+    }
+    items.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+    Ok(items)
+}
+
+/// Splits selected rows into locked rows and report items for rows that could not be read.
+fn locked_rows<T>(rows: &[Row]) -> (Vec<LockedRow>, Vec<BatchItem<T>>) {
+    let mut locked = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
+    for row in rows {
+        match LockedRow::from_row(row) {
+            Ok(l) => locked.push(l),
+            Err(e) => unreadable.push(BatchItem {
+                run_id: row.try_get::<_, String>(0).unwrap_or_default(),
+                result: Err(e),
+            }),
+        }
+    }
+    (locked, unreadable)
+}
+
+/// A run and what its transition may read, loaded for a set of locked rows at once.
+pub(crate) struct LoadedRun {
+    pub(crate) run_id: String,
+    pub(crate) loaded: Result<(AutomationV2RunRecord, TransitionEnv), StoreError>,
+}
+
+/// The lifecycle history of each run of `$1` (runs without records are absent), and the database
+/// clock (always one row: the clock with a NULL run id when no run has records).
+fn histories_sql() -> String {
+    format!(
+        "SELECT h.run_id, h.records, {DB_NOW_MS}
+           FROM (SELECT 1) one
+           LEFT JOIN (SELECT run_id, jsonb_agg(record ORDER BY id) AS records
+                        FROM run_lifecycle WHERE run_id = ANY($1) GROUP BY run_id) h ON true"
+    )
+}
+
+/// [`load_env`] for many locked rows in three set queries (histories and clock, live
+/// automations, governance of all their agents). A run that cannot be read is an error item;
+/// the others are unaffected.
+pub(crate) async fn load_envs(
+    tx: &Transaction<'_>,
+    rows: Vec<LockedRow>,
+    settings: &StoreSettings,
+) -> Result<Vec<LoadedRun>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = rows.iter().map(|r| r.run_id.as_str()).collect();
+    let mut histories: HashMap<String, Value> = HashMap::with_capacity(rows.len());
+    let mut now_ms: Option<Millis> = None;
+    for r in tx
+        .query(&tx.prepare_cached(&histories_sql()).await?, &[&ids])
+        .await?
+    {
+        now_ms = Some(ms_from_db(r.try_get(2)?, "database clock")?);
+        if let Some(id) = r.try_get::<_, Option<String>>(0)? {
+            histories.insert(id, r.try_get(1)?);
+        }
+    }
+    let now_ms =
+        now_ms.ok_or_else(|| StoreError::Invalid("the history query returned no row".into()))?;
+
+    let parsed: Vec<(LockedRow, Result<AutomationV2RunRecord, StoreError>)> = rows
+        .into_iter()
+        .map(|mut l| {
+            let history = histories.remove(&l.run_id).unwrap_or(Value::Null);
+            let run = run_from_doc(std::mem::take(&mut l.doc), history);
+            (l, run)
+        })
+        .collect();
+    let mut automation_ids: Vec<&str> = parsed
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok().map(|r| r.automation_id.as_str()))
+        .collect();
+    automation_ids.sort_unstable();
+    automation_ids.dedup();
+    let mut live: HashMap<String, Result<AutomationV2Spec, String>> = HashMap::new();
+    let stmt = tx
+        .prepare_cached("SELECT automation_id, spec FROM automations WHERE automation_id = ANY($1)")
+        .await?;
+    for r in tx.query(&stmt, &[&automation_ids]).await? {
+        let spec = serde_json::from_value::<AutomationV2Spec>(r.try_get(1)?);
+        live.insert(r.try_get(0)?, spec.map_err(|e| e.to_string()));
+    }
+    // One snapshot scoped to the agents of every run's live definition and snapshot: each run
+    // looks up its own agents in it.
+    let governance = if settings.load_governance {
+        let specs: Vec<&AutomationV2Spec> = live
+            .values()
+            .filter_map(|s| s.as_ref().ok())
+            .chain(
+                parsed
+                    .iter()
+                    .filter_map(|(_, r)| r.as_ref().ok()?.automation_snapshot.as_ref()),
+            )
+            .collect();
+        Some(scoped_snapshot(tx, &specs, now_ms).await?)
+    } else {
+        None
+    };
+
+    let mut out = Vec::with_capacity(parsed.len());
+    for (locked, run) in parsed {
+        let loaded = run.and_then(|run| {
+            let (automation, automation_is_live) = match live.get(&run.automation_id) {
+                Some(Ok(spec)) => (Some(spec.clone()), true),
+                Some(Err(e)) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "automation {} has an unreadable spec: {e}",
+                        run.automation_id
+                    )));
+                }
+                None => (run.automation_snapshot.clone(), false),
+            };
+            let env = TransitionEnv {
+                now_ms,
+                lease_epoch: locked.lease_epoch,
+                activity_at_ms: ms_from_db(locked.activity_at_ms, "activity_at_ms")?,
+                automation,
+                automation_is_live,
+                governance: governance.clone(),
+            };
+            Ok((run, env))
+        });
+        out.push(LoadedRun {
+            run_id: locked.run_id,
+            loaded,
+        });
+    }
+    Ok(out)
+}
+
+/// A changed run between its transition and its write.
+pub(crate) struct Changed<T> {
+    pub(crate) before: AutomationV2RunRecord,
+    pub(crate) run: AutomationV2RunRecord,
+    pub(crate) env: TransitionEnv,
+    pub(crate) transition: Transition<T>,
+}
+
+/// A changed run's epoch after the write and its outbox ids, or why it was not written.
+pub(crate) type WriteResult = Result<(LeaseEpoch, Vec<i64>), StoreError>;
+
+/// Writes changed runs with set statements under one savepoint; when that fails (a constraint,
+/// a trigger, a value the database refuses), each run is written under its own savepoint so only
+/// the failing ones are left out. Returns, per run, its epoch and outbox ids or its error.
+pub(crate) async fn write_changed<T>(
+    tx: &mut Transaction<'_>,
+    changed: &[Changed<T>],
+    settings: &StoreSettings,
+    bump_activity: bool,
+) -> Result<Vec<WriteResult>, StoreError> {
+    let mut results: Vec<Option<WriteResult>> = Vec::with_capacity(changed.len());
+    let mut writes = Vec::with_capacity(changed.len());
+    let mut slots = Vec::with_capacity(changed.len());
+    for (i, c) in changed.iter().enumerate() {
+        match prepare_write(
+            &c.before,
+            &c.run,
+            &c.transition.effects,
+            &c.env,
+            settings,
+            bump_activity,
+        ) {
+            Ok(w) => {
+                writes.push(w);
+                slots.push(i);
+                results.push(None);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    let Some(now_ms) = changed.first().map(|c| c.env.now_ms) else {
+        return Ok(Vec::new());
+    };
+    let sp = tx.savepoint("tandem_set_write").await?;
+    match write_runs(&sp, &writes, now_ms).await {
+        Ok(ids) => {
+            sp.commit().await?;
+            for ((slot, w), ids) in slots.iter().zip(&writes).zip(ids) {
+                results[*slot] = Some(Ok((w.lease_epoch, ids)));
+            }
+        }
+        Err(e) if e.is_connection() => return Err(e),
+        Err(e) => {
+            sp.rollback().await?;
+            tracing::warn!(error = %e, runs = writes.len(), "set write failed; writing run by run");
+            for (slot, w) in slots.iter().zip(writes) {
+                let sp = tx.savepoint("tandem_run_write").await?;
+                let epoch = w.lease_epoch;
+                match write_runs(&sp, &[w], now_ms).await {
+                    Ok(mut ids) => {
+                        sp.commit().await?;
+                        results[*slot] = Some(Ok((epoch, ids.pop().unwrap_or_default())));
+                    }
+                    Err(e) if e.is_connection() => return Err(e),
+                    Err(e) => {
+                        sp.rollback().await?;
+                        results[*slot] = Some(Err(e));
+                    }
+                }
+            }
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(StoreError::Invalid("run not written".into()))))
+        .collect())
+}
+
+/// Loads, transitions and writes a set of locked rows (see [`load_envs`], [`write_changed`]).
+/// Returns the items in row order and whether anything was written.
+async fn apply_rows<T, F>(
+    tx: &mut Transaction<'_>,
+    rows: Vec<LockedRow>,
+    settings: &StoreSettings,
+    bump_activity: bool,
+    mut f: F,
+) -> Result<(Vec<BatchItem<T>>, bool), StoreError>
+where
+    F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<T>,
+{
+    enum Step<T> {
+        Done(Box<BatchItem<T>>),
+        Write(String, usize),
+    }
+    let loaded = load_envs(tx, rows, settings).await?;
+    let mut steps = Vec::with_capacity(loaded.len());
+    let mut changed: Vec<Changed<T>> = Vec::new();
+    for LoadedRun { run_id, loaded } in loaded {
+        let (mut run, env) = match loaded {
+            Ok(v) => v,
+            Err(e) => {
+                steps.push(Step::Done(Box::new(BatchItem {
+                    run_id,
+                    result: Err(e),
+                })));
+                continue;
+            }
+        };
+        let before = run.clone();
+        let transition = f(&mut run, &env);
+        if !transition.changed {
+            steps.push(Step::Done(Box::new(BatchItem {
+                run_id,
+                result: Ok(Applied {
+                    outcome: transition.outcome,
+                    changed: false,
+                    run: before,
+                    lease_epoch: env.lease_epoch,
+                    now_ms: env.now_ms,
+                    outbox_ids: Vec::new(),
+                    effects: Effects::default(),
+                }),
+            })));
+            continue;
+        }
+        steps.push(Step::Write(run_id, changed.len()));
+        changed.push(Changed {
+            before,
+            run,
+            env,
+            transition,
+        });
+    }
+    let written = write_changed(tx, &changed, settings, bump_activity).await?;
+    let any_changed = written.iter().any(Result::is_ok);
+    let mut changed: Vec<Option<(Changed<T>, WriteResult)>> =
+        changed.into_iter().zip(written).map(Some).collect();
+    let items = steps
+        .into_iter()
+        .map(|step| match step {
+            Step::Done(item) => *item,
+            Step::Write(run_id, i) => {
+                let result = match changed.get_mut(i).and_then(Option::take) {
+                    Some((c, Ok((lease_epoch, outbox_ids)))) => Ok(Applied {
+                        outcome: c.transition.outcome,
+                        changed: true,
+                        run: c.run,
+                        lease_epoch,
+                        now_ms: c.env.now_ms,
+                        outbox_ids,
+                        effects: c.transition.effects,
+                    }),
+                    Some((_, Err(e))) => Err(e),
+                    None => Err(StoreError::Invalid("run transition lost".into())),
+                };
+                BatchItem { run_id, result }
+            }
+        })
+        .collect();
+    Ok((items, any_changed))
 }
 
 /// Loads the environment, runs the closure and persists a change; the row is already locked.
@@ -360,7 +675,7 @@ async fn persist<T>(
     env: &TransitionEnv,
     settings: &StoreSettings,
 ) -> Result<(LeaseEpoch, Vec<i64>), StoreError> {
-    let write = prepare_write(before, run, &transition.effects, env, settings)?;
+    let write = prepare_write(before, run, &transition.effects, env, settings, false)?;
     let lease_epoch = write.lease_epoch;
     let mut ids = write_runs(tx, &[write], env.now_ms).await?;
     Ok((lease_epoch, ids.pop().unwrap_or_default()))

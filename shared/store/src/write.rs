@@ -26,20 +26,23 @@ pub(crate) struct RunWrite<'a> {
     doc: Value,
     /// The row's epoch after the write.
     pub(crate) lease_epoch: LeaseEpoch,
-    status_changed: bool,
+    /// Move `activity_at_ms` to the database clock: the status changed, or the caller says the
+    /// write is worker activity.
+    bump_activity: bool,
     appended: &'a [AutomationLifecycleRecord],
     effects: &'a Effects,
 }
 
 /// Checks that a transition kept the run's identity and only appended to its lifecycle history,
 /// and derives the row to write. The lease epoch changes when the run enters or leaves a claimed
-/// status (`running`/`pausing`).
+/// status (`running`/`pausing`). `activity` marks the write as worker activity.
 pub(crate) fn prepare_write<'a>(
     before: &AutomationV2RunRecord,
     run: &'a AutomationV2RunRecord,
     effects: &'a Effects,
     env: &TransitionEnv,
     settings: &StoreSettings,
+    activity: bool,
 ) -> Result<RunWrite<'a>, StoreError> {
     if run.run_id != before.run_id {
         return Err(StoreError::Invalid(format!(
@@ -72,7 +75,7 @@ pub(crate) fn prepare_write<'a>(
         hot: HotColumns::of(run, settings)?,
         doc: run_doc(run)?,
         lease_epoch,
-        status_changed: before.status != run.status,
+        bump_activity: activity || before.status != run.status,
         appended,
         effects,
     })
@@ -83,14 +86,14 @@ const UPDATE_RUNS_SQL: &str = "
        SET automation_id = u.automation_id, org_id = u.org_id, workspace_id = u.workspace_id,
            status = u.status, lease_epoch = u.lease_epoch, workspace_root = u.workspace_root,
            created_at_ms = u.created_at_ms, updated_at_ms = u.updated_at_ms,
-           activity_at_ms = CASE WHEN u.status_changed THEN greatest(r.activity_at_ms, $14)
+           activity_at_ms = CASE WHEN u.bump_activity THEN greatest(r.activity_at_ms, $14)
                                  ELSE r.activity_at_ms END,
            next_action_at_ms = u.next_action_at_ms, stop_kind = u.stop_kind, doc = u.doc
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
                   $7::text[], $8::bigint[], $9::bigint[], $10::bool[], $11::bigint[],
                   $12::text[], $13::jsonb[])
            AS u(run_id, automation_id, org_id, workspace_id, status, lease_epoch,
-                workspace_root, created_at_ms, updated_at_ms, status_changed,
+                workspace_root, created_at_ms, updated_at_ms, bump_activity,
                 next_action_at_ms, stop_kind, doc)
      WHERE r.run_id = u.run_id";
 
@@ -190,7 +193,7 @@ pub(crate) async fn write_runs(
         .collect();
     let created: Vec<i64> = writes.iter().map(|w| w.hot.created_at_ms).collect();
     let updated: Vec<i64> = writes.iter().map(|w| w.hot.updated_at_ms).collect();
-    let status_changed: Vec<bool> = writes.iter().map(|w| w.status_changed).collect();
+    let bump_activity: Vec<bool> = writes.iter().map(|w| w.bump_activity).collect();
     let next_action: Vec<Option<i64>> = writes.iter().map(|w| w.hot.next_action_at_ms).collect();
     let stop_kinds: Vec<Option<&str>> = writes.iter().map(|w| w.hot.stop_kind).collect();
     let docs: Vec<&Value> = writes.iter().map(|w| &w.doc).collect();
@@ -208,7 +211,7 @@ pub(crate) async fn write_runs(
                 &roots,
                 &created,
                 &updated,
-                &status_changed,
+                &bump_activity,
                 &next_action,
                 &stop_kinds,
                 &docs,
