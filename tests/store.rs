@@ -386,6 +386,7 @@ fn full_run(now: Millis) -> AutomationV2RunRecord {
                     on_expiry: Some(AutomationGateExpiryAction::Remind),
                     escalate_to: Some("boss".into()),
                     remind_every_ms: Some(600_000),
+                    steps: None,
                 }),
             }),
             gate_history: vec![AutomationGateDecisionRecord {

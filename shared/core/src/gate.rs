@@ -203,6 +203,9 @@ pub struct GateDenial {
 }
 
 /// Result of [`decide_gate`]. Only `Applied` changes the run.
+// `Applied` carries the whole gate (one value per HTTP decision, never stored in bulk); boxing it
+// would change the variant's shape for every caller for no measurable gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum GateDecisionOutcome {
     /// The decision was recorded; effects hold the `gate_decided` audit and the
@@ -393,6 +396,38 @@ pub fn expiry_policy_from_node_metadata(
         node.metadata_at(p)
             .and_then(|v| serde_json::from_value(v.clone()).ok())
     })
+}
+
+/// Validates the expiry policy each gate node would open with (spec §4.1 precedence:
+/// `gate.expiry_policy`, else the first policy under `metadata.approval` that deserializes) with
+/// [`policy::validate_expiry_policy`]. Call it with `graph::validate_flow` when an automation is
+/// created or updated and answer 400 with the error's `path` and `message`, e.g.
+/// `flow.nodes[1].gate.expiry_policy.steps[2].action`: `unknown action "page"; …`.
+pub fn validate_gate_policies(spec: &AutomationV2Spec) -> Result<(), graph::FlowError> {
+    for (i, node) in spec.flow.nodes.iter().enumerate() {
+        let Some(gate) = &node.gate else {
+            continue;
+        };
+        let (base, policy) = if let Some(p) = &gate.expiry_policy {
+            (format!("flow.nodes[{i}].gate.expiry_policy"), p.clone())
+        } else if let Some((pointer, p)) = METADATA_POLICY_POINTERS.iter().find_map(|ptr| {
+            node.metadata_at(ptr)
+                .and_then(|v| serde_json::from_value::<AutomationGateExpiryPolicy>(v.clone()).ok())
+                .map(|p| (*ptr, p))
+        }) {
+            (
+                format!("flow.nodes[{i}].metadata{}", pointer.replace('/', ".")),
+                p,
+            )
+        } else {
+            continue;
+        };
+        policy::validate_expiry_policy(&policy).map_err(|e| graph::FlowError {
+            path: format!("{base}.{}", e.path),
+            message: e.message,
+        })?;
+    }
+    Ok(())
 }
 
 /// `build_automation_pending_gate` (spec §4.1). `None` when the node has no `gate` config.
@@ -993,13 +1028,28 @@ pub enum GateAction {
     MarkedStale { node_id: String },
 }
 
-/// An internal-sweep audit to build from the run once every action of the transition ran.
+/// An internal-sweep audit, built from the run right after its action ([`flush_audits`]).
 struct SweepAudit {
     event_type: &'static str,
     sweep: &'static str,
     outcome: &'static str,
     reason: String,
     metadata: Value,
+}
+
+/// Turns pending sweep audits into audit drafts, each built from the run as its action left it
+/// (status after), as upstream builds each audit from the run its own update returned.
+fn flush_audits(run: &AutomationV2RunRecord, fx: &mut Effects, audits: &mut Vec<SweepAudit>) {
+    for a in audits.drain(..) {
+        fx.internal_sweep_audit(
+            run,
+            a.event_type,
+            a.sweep,
+            a.outcome,
+            Some(&a.reason),
+            a.metadata,
+        );
+    }
 }
 
 /// Everything the gate-notifier does to one row at `now`, in upstream's order
@@ -1009,6 +1059,16 @@ struct SweepAudit {
 ///    * `now >= expires_at`: cancel → [`apply_gate_expiry`]; escalate → once (marker
 ///      `gate_policy_state.escalated_at_ms`); remind → a reminder with `expired = true` when due;
 ///    * before expiry, any action: a reminder when due.
+///
+///    For an escalation ladder (`expiry_policy.steps`, see `policy.rs`) instead: **every** step
+///    due at `now` and not applied yet, in order, in this one call (catch-up after downtime
+///    applies the missed steps in sequence rather than one per tick). Each step is upstream's
+///    action for its kind — `remind` → reminder (`approval.gate.reminder_due`, key
+///    `…:reminder:{n}`), `escalate` → escalation (`approval.gate.escalated`, key
+///    `…:escalated:{n}`), `cancel` → expiry (`approval.gate.expired`, run cancelled, nothing
+///    after it) — with the same lifecycle, audit and event, plus `step_index` and
+///    `step_due_at_ms` in the lifecycle/audit metadata and event properties. Progress is
+///    `gate_policy_state.steps_applied` on the row, so no later call repeats a step.
 /// 2. Stale marking (spec §3.11), re-checking status, gate presence, the marker and the age on
 ///    the row it gets (fix of §7.9 / race R2).
 ///
@@ -1026,33 +1086,21 @@ struct SweepAudit {
 ///   real expiry is published as `expires_at_ms` (`approval.gate.requested`, pending approvals).
 /// * The stale marker preserves non-object gate metadata under `legacy_metadata`, as the
 ///   policy-state writer does (upstream discards it, §7.10).
-/// * Escalation stays a marker, at most once per instance, `escalate_to` only recorded (§7.12).
+/// * Escalation stays a marker, at most once per instance, `escalate_to` only recorded (§7.12);
+///   a ladder may escalate once per escalate step.
 pub fn process_gate_policies(
     run: &mut AutomationV2RunRecord,
     defaults: &GatePolicyDefaults,
     now: Millis,
 ) -> Transition<Vec<GateAction>> {
     update(run, now, |run, fx| {
-        let mut actions = Vec::new();
         let mut audits = Vec::new();
-        if let Some(action) = policy_step(run, fx, &mut audits, defaults, now) {
-            actions.push(action);
-        }
+        let mut actions = policy_step(run, fx, &mut audits, defaults, now);
+        flush_audits(run, fx, &mut audits);
         if let Some(action) = stale_step(run, fx, &mut audits, defaults.stale_after_ms, now) {
             actions.push(action);
         }
-        // Built from the run after every action (status after), as upstream builds each audit
-        // from the updated run; the actions of one tick never change status between them.
-        for a in audits {
-            fx.internal_sweep_audit(
-                run,
-                a.event_type,
-                a.sweep,
-                a.outcome,
-                Some(&a.reason),
-                a.metadata,
-            );
-        }
+        flush_audits(run, fx, &mut audits);
         actions
     })
 }
@@ -1063,41 +1111,151 @@ fn policy_step(
     audits: &mut Vec<SweepAudit>,
     defaults: &GatePolicyDefaults,
     now: Millis,
-) -> Option<GateAction> {
+) -> Vec<GateAction> {
     if run.status != AutomationRunStatus::AwaitingApproval {
-        return None;
+        return Vec::new();
     }
-    let gate = run.checkpoint.awaiting_gate.clone()?;
-    let policy = policy::effective_policy(&gate, defaults)?;
+    let Some(gate) = run.checkpoint.awaiting_gate.clone() else {
+        return Vec::new();
+    };
+    let Some(policy) = policy::effective_policy(&gate, defaults) else {
+        return Vec::new();
+    };
+    if policy.is_ladder() {
+        return apply_ladder_steps(run, fx, audits, &policy, now);
+    }
     let expires_at = policy::expires_at_ms(&gate, &policy);
-    if now >= expires_at {
+    let action = if now >= expires_at {
         match policy.on_expiry {
-            AutomationGateExpiryAction::Cancel => expire(run, fx, audits, &gate, &policy, now),
+            AutomationGateExpiryAction::Cancel => {
+                expire(run, fx, audits, &gate, &policy, None, now)
+            }
             AutomationGateExpiryAction::Escalate => {
                 if policy_state_has(&gate, "escalated_at_ms") {
                     None
                 } else {
-                    Some(escalate(run, fx, audits, &gate, &policy, expires_at, now))
+                    Some(escalate(
+                        run, fx, audits, &gate, &policy, expires_at, None, now,
+                    ))
                 }
             }
             AutomationGateExpiryAction::Remind => {
                 policy::reminder_due(&gate, &policy, now, expires_at)
-                    .then(|| remind(run, fx, audits, &gate, &policy, expires_at, true, now))
+                    .then(|| remind(run, fx, audits, &gate, &policy, expires_at, true, None, now))
             }
         }
     } else {
-        policy::reminder_due(&gate, &policy, now, expires_at)
-            .then(|| remind(run, fx, audits, &gate, &policy, expires_at, false, now))
-    }
+        policy::reminder_due(&gate, &policy, now, expires_at).then(|| {
+            remind(
+                run, fx, audits, &gate, &policy, expires_at, false, None, now,
+            )
+        })
+    };
+    action.into_iter().collect()
 }
 
-/// `expire_awaiting_approval_gate` (spec §3.10).
+/// The ladder part of [`process_gate_policies`]: applies every step due at `now` that the open
+/// gate instance has not applied, in order. Stops at the first step not yet due, after a
+/// `cancel` step, or when the gate is no longer open.
+fn apply_ladder_steps(
+    run: &mut AutomationV2RunRecord,
+    fx: &mut Effects,
+    audits: &mut Vec<SweepAudit>,
+    policy: &EffectivePolicy,
+    now: Millis,
+) -> Vec<GateAction> {
+    let mut actions = Vec::new();
+    // Each iteration applies one step and advances `steps_applied`, or stops: bounded anyway.
+    for _ in 0..policy.steps.len() {
+        if run.status != AutomationRunStatus::AwaitingApproval {
+            break;
+        }
+        let Some(gate) = run.checkpoint.awaiting_gate.clone() else {
+            break;
+        };
+        let Some(step) = policy::next_ladder_step(&gate, policy) else {
+            break;
+        };
+        if now < policy::step_due_at(&gate, step) {
+            break;
+        }
+        let expires_at = policy::expires_at_ms(&gate, policy);
+        match step.action {
+            AutomationGateExpiryAction::Remind => {
+                let expired = policy::step_at_expiry(policy, step);
+                actions.push(remind(
+                    run,
+                    fx,
+                    audits,
+                    &gate,
+                    policy,
+                    expires_at,
+                    expired,
+                    Some(step),
+                    now,
+                ));
+            }
+            AutomationGateExpiryAction::Escalate => {
+                actions.push(escalate(
+                    run,
+                    fx,
+                    audits,
+                    &gate,
+                    policy,
+                    expires_at,
+                    Some(step),
+                    now,
+                ));
+            }
+            AutomationGateExpiryAction::Cancel => {
+                actions.extend(expire(run, fx, audits, &gate, policy, Some(step), now));
+                flush_audits(run, fx, audits);
+                break;
+            }
+        }
+        flush_audits(run, fx, audits);
+    }
+    actions
+}
+
+/// Adds a ladder step's identification (`step_index`, `step_due_at_ms`) to an object: the
+/// lifecycle/audit metadata and event properties of a step. Upstream policies add nothing.
+fn with_step(
+    mut value: Value,
+    gate: &AutomationPendingGate,
+    step: Option<&policy::LadderStep>,
+) -> Value {
+    if let (Some(step), Some(obj)) = (step, value.as_object_mut()) {
+        obj.insert("step_index".into(), json!(step.index));
+        obj.insert(
+            "step_due_at_ms".into(),
+            json!(policy::step_due_at(gate, step)),
+        );
+    }
+    value
+}
+
+/// The `gate_policy_state` entry recording that `step` was applied (ladders only).
+fn steps_applied_entry(
+    gate: &AutomationPendingGate,
+    step: Option<&policy::LadderStep>,
+) -> Option<(&'static str, Value)> {
+    step.map(|_| {
+        (
+            policy::STEPS_APPLIED_KEY,
+            json!(policy::steps_applied(gate).saturating_add(1)),
+        )
+    })
+}
+
+/// `expire_awaiting_approval_gate` (spec §3.10); `step` when a ladder's `cancel` step expires it.
 fn expire(
     run: &mut AutomationV2RunRecord,
     fx: &mut Effects,
     audits: &mut Vec<SweepAudit>,
     gate: &AutomationPendingGate,
     policy: &EffectivePolicy,
+    step: Option<&policy::LadderStep>,
     now: Millis,
 ) -> Option<GateAction> {
     let node = &gate.node_id;
@@ -1111,20 +1269,28 @@ fn expire(
                 sweep: SWEEP_GATE_POLICIES,
                 outcome: "expired_cancelled",
                 reason,
-                metadata: json!({
+                metadata: with_step(
+                    json!({
+                        "node_id": node,
+                        "expires_at_ms": expires_at,
+                        "expiry_policy": policy.to_value(),
+                    }),
+                    gate,
+                    step,
+                ),
+            });
+            let props = with_step(
+                json!({
+                    "run_id": run.run_id,
+                    "automation_id": run.automation_id,
                     "node_id": node,
+                    "decision": "expired",
                     "expires_at_ms": expires_at,
-                    "expiry_policy": policy.to_value(),
+                    "tenantContext": run.tenant_context.to_value(),
                 }),
-            });
-            let props = json!({
-                "run_id": run.run_id,
-                "automation_id": run.automation_id,
-                "node_id": node,
-                "decision": "expired",
-                "expires_at_ms": expires_at,
-                "tenantContext": run.tenant_context.to_value(),
-            });
+                gate,
+                step,
+            );
             fx.event(run, EVENT_GATE_EXPIRED, Some(node), props, None);
             Some(GateAction::Expired {
                 node_id: node.clone(),
@@ -1134,7 +1300,14 @@ fn expire(
     }
 }
 
-/// `escalate_awaiting_approval_gate` (spec §3.10). The caller checked the escalation marker.
+/// `escalate_awaiting_approval_gate` (spec §3.10). The caller checked the escalation marker
+/// (upstream policy) or the ladder progress (`step`).
+///
+/// A ladder step escalates to its own `escalate_to`, else the policy's, else
+/// `unassigned_escalation_principal`. A step before the ladder's expiry says
+/// ``approval gate `{node}` was escalated to {x}`` (audit outcome `escalated`); at the expiry
+/// the text and outcome are upstream's (`expired and was escalated`, `expired_escalated`).
+#[allow(clippy::too_many_arguments)]
 fn escalate(
     run: &mut AutomationV2RunRecord,
     fx: &mut Effects,
@@ -1142,19 +1315,27 @@ fn escalate(
     gate: &AutomationPendingGate,
     policy: &EffectivePolicy,
     expires_at: Millis,
+    step: Option<&policy::LadderStep>,
     now: Millis,
 ) -> GateAction {
     let node = gate.node_id.clone();
-    let escalated_to = policy
-        .escalate_to
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .unwrap_or(UNASSIGNED_ESCALATION_PRINCIPAL)
-        .to_owned();
-    let detail = format!("approval gate `{node}` expired and was escalated to {escalated_to}");
+    let principal = |s: Option<&str>| {
+        s.map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let escalated_to = principal(step.and_then(|s| s.escalate_to.as_deref()))
+        .or_else(|| principal(policy.escalate_to.as_deref()))
+        .unwrap_or_else(|| UNASSIGNED_ESCALATION_PRINCIPAL.to_owned());
+    let at_expiry = step.is_none_or(|s| policy::step_at_expiry(policy, s));
+    let detail = if at_expiry {
+        format!("approval gate `{node}` expired and was escalated to {escalated_to}")
+    } else {
+        format!("approval gate `{node}` was escalated to {escalated_to}")
+    };
     let count = next_reminder_count(run, gate);
     let key = notification_key(&run.run_id, &node, "escalated", count);
+    let progress = steps_applied_entry(gate, step);
     if let Some(open) = run.checkpoint.awaiting_gate.as_mut() {
         update_policy_state(
             open,
@@ -1164,16 +1345,22 @@ fn escalate(
                 ("expires_at_ms", json!(expires_at)),
                 ("reminder_count", json!(count)),
                 ("notification_key", json!(key)),
-            ],
+            ]
+            .into_iter()
+            .chain(progress),
         );
     }
     run.detail = Some(detail.clone());
-    let metadata = json!({
-        "node_id": node,
-        "expires_at_ms": expires_at,
-        "escalated_to": escalated_to,
-        "expiry_policy": policy.to_value(),
-    });
+    let metadata = with_step(
+        json!({
+            "node_id": node,
+            "expires_at_ms": expires_at,
+            "escalated_to": escalated_to,
+            "expiry_policy": policy.to_value(),
+        }),
+        gate,
+        step,
+    );
     fx.lifecycle(
         run,
         LIFECYCLE_GATE_ESCALATED,
@@ -1185,18 +1372,26 @@ fn escalate(
     audits.push(SweepAudit {
         event_type: "automation_v2.internal_sweep.approval_gate_escalated",
         sweep: SWEEP_GATE_POLICIES,
-        outcome: "expired_escalated",
+        outcome: if at_expiry {
+            "expired_escalated"
+        } else {
+            "escalated"
+        },
         reason: detail,
         metadata,
     });
-    let props = json!({
-        "run_id": run.run_id,
-        "automation_id": run.automation_id,
-        "node_id": node,
-        "expires_at_ms": expires_at,
-        "escalated_to": escalated_to,
-        "tenantContext": run.tenant_context.to_value(),
-    });
+    let props = with_step(
+        json!({
+            "run_id": run.run_id,
+            "automation_id": run.automation_id,
+            "node_id": node,
+            "expires_at_ms": expires_at,
+            "escalated_to": escalated_to,
+            "tenantContext": run.tenant_context.to_value(),
+        }),
+        gate,
+        step,
+    );
     fx.event(
         run,
         EVENT_GATE_ESCALATED,
@@ -1213,7 +1408,7 @@ fn escalate(
 }
 
 /// `record_awaiting_approval_gate_reminder` (spec §3.10). The caller checked due-ness on this
-/// row.
+/// row (upstream policy) or the ladder progress (`step`).
 #[allow(clippy::too_many_arguments)]
 fn remind(
     run: &mut AutomationV2RunRecord,
@@ -1223,6 +1418,7 @@ fn remind(
     policy: &EffectivePolicy,
     expires_at: Millis,
     expired: bool,
+    step: Option<&policy::LadderStep>,
     now: Millis,
 ) -> GateAction {
     let node = gate.node_id.clone();
@@ -1233,6 +1429,7 @@ fn remind(
     };
     let count = next_reminder_count(run, gate);
     let key = notification_key(&run.run_id, &node, "reminder", count);
+    let progress = steps_applied_entry(gate, step);
     if let Some(open) = run.checkpoint.awaiting_gate.as_mut() {
         update_policy_state(
             open,
@@ -1242,17 +1439,23 @@ fn remind(
                 ("expires_at_ms", json!(expires_at)),
                 ("expired_reminder", json!(expired)),
                 ("notification_key", json!(key)),
-            ],
+            ]
+            .into_iter()
+            .chain(progress),
         );
     }
     run.detail = Some(detail.clone());
-    let metadata = json!({
-        "node_id": node,
-        "expires_at_ms": expires_at,
-        "expired": expired,
-        "reminder_count": count,
-        "expiry_policy": policy.to_value(),
-    });
+    let metadata = with_step(
+        json!({
+            "node_id": node,
+            "expires_at_ms": expires_at,
+            "expired": expired,
+            "reminder_count": count,
+            "expiry_policy": policy.to_value(),
+        }),
+        gate,
+        step,
+    );
     fx.lifecycle(
         run,
         LIFECYCLE_GATE_REMINDER_DUE,
@@ -1272,15 +1475,19 @@ fn remind(
         reason: detail,
         metadata,
     });
-    let props = json!({
-        "run_id": run.run_id,
-        "automation_id": run.automation_id,
-        "node_id": node,
-        "expires_at_ms": expires_at,
-        "expired": expired,
-        "reminder_count": count,
-        "tenantContext": run.tenant_context.to_value(),
-    });
+    let props = with_step(
+        json!({
+            "run_id": run.run_id,
+            "automation_id": run.automation_id,
+            "node_id": node,
+            "expires_at_ms": expires_at,
+            "expired": expired,
+            "reminder_count": count,
+            "tenantContext": run.tenant_context.to_value(),
+        }),
+        gate,
+        step,
+    );
     fx.event(
         run,
         EVENT_GATE_REMINDER_DUE,
@@ -1365,9 +1572,9 @@ fn metadata_object(metadata: Option<Value>) -> Map<String, Value> {
 }
 
 /// `update_gate_policy_state`: merges `updates` into `metadata.gate_policy_state`.
-fn update_policy_state<const N: usize>(
+fn update_policy_state<'a>(
     gate: &mut AutomationPendingGate,
-    updates: [(&str, Value); N],
+    updates: impl IntoIterator<Item = (&'a str, Value)>,
 ) {
     let mut metadata = metadata_object(gate.metadata.take());
     let mut state = match metadata.remove("gate_policy_state") {
@@ -1527,8 +1734,8 @@ pub fn recover_settled_decision(
 mod tests {
     use super::*;
     use crate::model::{
-        ActorKind, AutomationFailureRecord, AutomationFlowNode as N,
-        AutomationGateExpiryAction as A, ExecutionProfile,
+        ActorKind, AutomationFailureRecord, AutomationFlowNode as N, AutomationGateEscalationStep,
+        AutomationGateExpiryAction as A, AutomationGateStepAction, ExecutionProfile,
     };
     use std::collections::HashSet;
 
@@ -1612,6 +1819,7 @@ mod tests {
             on_expiry: Some(on),
             escalate_to: escalate_to.map(str::to_owned),
             remind_every_ms: every,
+            steps: None,
         }
     }
 
@@ -3477,6 +3685,500 @@ mod tests {
     }
 
     // --------------------------------------------------------------------------------------
+    // Escalation ladders (Tandem Fleet extension, policy.rs)
+    // --------------------------------------------------------------------------------------
+
+    fn step(
+        after_ms: u64,
+        action: &str,
+        escalate_to: Option<&str>,
+    ) -> AutomationGateEscalationStep {
+        AutomationGateEscalationStep {
+            after_ms,
+            action: AutomationGateStepAction::parse(action),
+            escalate_to: escalate_to.map(str::to_owned),
+        }
+    }
+
+    fn ladder_policy(
+        steps: Vec<AutomationGateEscalationStep>,
+        escalate_to: Option<&str>,
+    ) -> AutomationGateExpiryPolicy {
+        AutomationGateExpiryPolicy {
+            escalate_to: escalate_to.map(str::to_owned),
+            steps: Some(steps),
+            ..Default::default()
+        }
+    }
+
+    /// remind @1 s, remind @2 s, escalate to `director` @3 s, cancel @4 s.
+    fn four_step_ladder() -> AutomationGateExpiryPolicy {
+        ladder_policy(
+            vec![
+                step(SEC, "remind", None),
+                step(2 * SEC, "remind", None),
+                step(3 * SEC, "escalate", Some("director")),
+                step(4 * SEC, "cancel", None),
+            ],
+            Some("lead"),
+        )
+    }
+
+    fn step_indices(t: &Transition<Vec<GateAction>>) -> Vec<u64> {
+        t.effects
+            .events
+            .iter()
+            .filter_map(|e| e.properties.get("step_index").and_then(Value::as_u64))
+            .collect()
+    }
+
+    fn next_at(run: &Run) -> Option<Millis> {
+        let d = GatePolicyDefaults {
+            stale_after_ms: 1_000 * DAY,
+            ..defaults()
+        };
+        run.checkpoint
+            .awaiting_gate
+            .as_ref()
+            .and_then(|g| policy::next_action_at(g, &d))
+    }
+
+    #[test]
+    fn ladder_applies_each_step_once_in_order_with_upstream_events_and_keys() {
+        let spec = email_spec();
+        let mut run = awaiting(&spec, &["compose"], T0);
+        set_policy(&mut run, four_step_ladder());
+        assert_eq!(next_at(&run), Some(T0 + SEC));
+        assert!(!sweep(&mut run, T0 + SEC - 1).changed);
+
+        // Step 0: a reminder, upstream payload plus the step's identification.
+        let t = sweep(&mut run, T0 + SEC);
+        let key1 = "automation_v2:run-1:approval_gate:reminder:1";
+        assert_eq!(
+            t.outcome,
+            vec![GateAction::Reminded {
+                node_id: GATE.into(),
+                expired: false,
+                reminder_count: 1,
+                notification_key: key1.into(),
+            }]
+        );
+        let e = &t.effects.events[0];
+        assert_eq!(e.event_type, EVENT_GATE_REMINDER_DUE);
+        assert_eq!(e.dedupe_key.as_deref(), Some(key1));
+        assert_eq!(
+            e.properties,
+            json!({
+                "run_id": "run-1",
+                "automation_id": "auto-email",
+                "node_id": GATE,
+                "expires_at_ms": T0 + 4 * SEC,
+                "expired": false,
+                "reminder_count": 1,
+                "tenantContext": tenant_json(),
+                "step_index": 0,
+                "step_due_at_ms": T0 + SEC,
+            })
+        );
+        assert_eq!(gate_state(&run)["steps_applied"], 1);
+        assert_eq!(next_at(&run), Some(T0 + 2 * SEC));
+        assert!(!sweep(&mut run, T0 + SEC).changed, "same now: nothing");
+        assert!(!sweep(&mut run, T0 + 2 * SEC - 1).changed);
+
+        // Step 1 (late is fine), step 2: escalation before the ladder's expiry.
+        let t = sweep(&mut run, T0 + 2_500);
+        assert_eq!(step_indices(&t), vec![1]);
+        assert_eq!(
+            t.effects.events[0].dedupe_key.as_deref(),
+            Some("automation_v2:run-1:approval_gate:reminder:2")
+        );
+        let t = sweep(&mut run, T0 + 3 * SEC);
+        let key3 = "automation_v2:run-1:approval_gate:escalated:3";
+        assert_eq!(
+            t.outcome,
+            vec![GateAction::Escalated {
+                node_id: GATE.into(),
+                escalated_to: "director".into(),
+                reminder_count: 3,
+                notification_key: key3.into(),
+            }]
+        );
+        assert_eq!(
+            t.effects.events[0].properties,
+            json!({
+                "run_id": "run-1",
+                "automation_id": "auto-email",
+                "node_id": GATE,
+                "expires_at_ms": T0 + 4 * SEC,
+                "escalated_to": "director",
+                "tenantContext": tenant_json(),
+                "step_index": 2,
+                "step_due_at_ms": T0 + 3 * SEC,
+            })
+        );
+        assert_eq!(t.effects.audit[0].payload["outcome"], "escalated");
+        assert_eq!(
+            run.detail.as_deref(),
+            Some("approval gate `approval_gate` was escalated to director")
+        );
+        assert_eq!(run.status, AutomationRunStatus::AwaitingApproval);
+        assert_eq!(next_at(&run), Some(T0 + 4 * SEC));
+
+        // Step 3: cancel, exactly upstream's expiry; nothing after it.
+        let t = sweep(&mut run, T0 + 4 * SEC);
+        assert_eq!(
+            t.outcome,
+            vec![GateAction::Expired {
+                node_id: GATE.into(),
+                expires_at_ms: T0 + 4 * SEC,
+            }]
+        );
+        let e = &t.effects.events[0];
+        assert_eq!(
+            (e.event_type.as_str(), e.dedupe_key.as_deref()),
+            (EVENT_GATE_EXPIRED, None)
+        );
+        assert_eq!(e.properties["decision"], "expired");
+        assert_eq!(e.properties["step_index"], 3);
+        assert_eq!(t.effects.audit[0].payload["outcome"], "expired_cancelled");
+        assert_eq!(run.status, AutomationRunStatus::Cancelled);
+        assert_eq!(run.stop_kind, Some(AutomationStopKind::Cancelled));
+        let last = run.checkpoint.gate_history.last().expect("expired record");
+        assert_eq!(last.decision, "expired");
+        assert_eq!(
+            last.metadata.as_ref().expect("meta")["expiry_policy"],
+            four_step_ladder_value()
+        );
+        assert_eq!(
+            events(&run),
+            vec![
+                "approval_gate_reminder_due",
+                "approval_gate_reminder_due",
+                "approval_gate_escalated",
+                "approval_gate_expired",
+                "run_cancelled",
+            ]
+        );
+        assert!(
+            !sweep(&mut run, T0 + DAY).changed,
+            "nothing after a terminal step"
+        );
+    }
+
+    fn four_step_ladder_value() -> Value {
+        json!({"escalate_to": "lead", "steps": [
+            {"after_ms": SEC, "action": "remind"},
+            {"after_ms": 2 * SEC, "action": "remind"},
+            {"after_ms": 3 * SEC, "action": "escalate", "escalate_to": "director"},
+            {"after_ms": 4 * SEC, "action": "cancel"},
+        ]})
+    }
+
+    #[test]
+    fn ladder_catches_up_every_overdue_step_in_one_call_in_order() {
+        let spec = email_spec();
+        let mut run = awaiting(&spec, &["compose"], T0);
+        set_policy(&mut run, four_step_ladder());
+        // Partial catch-up: the two reminders, not the escalation yet.
+        let t = sweep(&mut run, T0 + 2_999);
+        assert_eq!(step_indices(&t), vec![0, 1]);
+        // The rest, after a long outage.
+        let t = sweep(&mut run, T0 + DAY / 2);
+        assert_eq!(step_indices(&t), vec![2, 3]);
+        assert!(matches!(
+            t.outcome[..],
+            [GateAction::Escalated { .. }, GateAction::Expired { .. }]
+        ));
+        // Each audit is built from the run its own step left: the escalation still awaited.
+        let statuses: Vec<(&str, &str)> = t
+            .effects
+            .audit
+            .iter()
+            .map(|a| {
+                (
+                    a.payload["outcome"].as_str().unwrap_or_default(),
+                    a.payload["status"].as_str().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            vec![
+                ("escalated", "awaiting_approval"),
+                ("expired_cancelled", "cancelled")
+            ]
+        );
+
+        // All four in one call.
+        let mut run = awaiting(&spec, &["compose"], T0);
+        set_policy(&mut run, four_step_ladder());
+        let t = sweep(&mut run, T0 + 10 * SEC);
+        assert_eq!(step_indices(&t), vec![0, 1, 2, 3]);
+        let keys: Vec<Option<&str>> = t
+            .effects
+            .events
+            .iter()
+            .map(|e| e.dedupe_key.as_deref())
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                Some("automation_v2:run-1:approval_gate:reminder:1"),
+                Some("automation_v2:run-1:approval_gate:reminder:2"),
+                Some("automation_v2:run-1:approval_gate:escalated:3"),
+                None,
+            ]
+        );
+        assert_eq!(t.effects.audit.len(), 4);
+        assert_eq!(run.status, AutomationRunStatus::Cancelled);
+    }
+
+    #[test]
+    fn human_decision_after_a_ladder_cancel_step_behaves_like_after_upstream_expiry() {
+        let spec = email_spec();
+        // Due but not swept yet: 409 AUTOMATION_V2_GATE_EXPIRED with the denial audit.
+        let mut run = awaiting(&spec, &["compose"], T0);
+        set_policy(&mut run, four_step_ladder());
+        let before = run.clone();
+        let t = decide(&mut run, &spec, &req("approve"), T0 + 4 * SEC);
+        assert!(matches!(t.outcome, GateDecisionOutcome::GateExpired { .. }));
+        assert_eq!(t.outcome.error_code(), Some(CODE_GATE_EXPIRED));
+        assert_eq!(run, before);
+        // Swept: not awaiting approval, the winner is the expired record.
+        sweep(&mut run, T0 + 4 * SEC);
+        let t = decide(&mut run, &spec, &req("approve"), T0 + 5 * SEC);
+        assert_eq!(t.outcome.http_status(), 409);
+        assert_eq!(
+            t.outcome.winning_decision().map(|r| r.decision.as_str()),
+            Some("expired")
+        );
+        // Before the cancel step (even after the escalation) a decision applies.
+        let mut run = awaiting(&spec, &["compose"], T0);
+        set_policy(&mut run, four_step_ladder());
+        sweep(&mut run, T0 + 3 * SEC);
+        let t = decide(&mut run, &spec, &req("approve"), T0 + 4 * SEC - 1);
+        assert!(is_applied(&t.outcome));
+        assert!(
+            !sweep(&mut run, T0 + DAY).changed,
+            "a decided gate has no ladder left"
+        );
+    }
+
+    #[test]
+    fn ladder_without_cancel_escalates_at_its_expiry_then_waits_for_a_human() {
+        let spec = email_spec();
+        let mut run = awaiting(&spec, &["compose"], T0);
+        set_policy(
+            &mut run,
+            ladder_policy(
+                vec![
+                    step(SEC, "escalate", Some("  ")),
+                    step(2 * SEC, "escalate", None),
+                    step(3 * SEC, "remind", None),
+                ],
+                None,
+            ),
+        );
+        let t = sweep(&mut run, T0 + 2 * SEC);
+        let to: Vec<&str> = t
+            .outcome
+            .iter()
+            .filter_map(|a| match a {
+                GateAction::Escalated { escalated_to, .. } => Some(escalated_to.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            to,
+            vec![
+                UNASSIGNED_ESCALATION_PRINCIPAL,
+                UNASSIGNED_ESCALATION_PRINCIPAL
+            ],
+            "blank step principal → policy's → unassigned; a ladder may escalate twice"
+        );
+        let t = sweep(&mut run, T0 + 3 * SEC);
+        assert_eq!(
+            t.outcome,
+            vec![GateAction::Reminded {
+                node_id: GATE.into(),
+                expired: true,
+                reminder_count: 3,
+                notification_key: "automation_v2:run-1:approval_gate:reminder:3".into(),
+            }],
+            "a reminder at the ladder's expiry is an expired reminder"
+        );
+        assert_eq!(
+            t.effects.audit[0].payload["outcome"],
+            "expired_reminder_due"
+        );
+        assert_eq!(
+            next_at(&run),
+            Some(T0 + 1_000 * DAY),
+            "ladder done: only the stale marking is left"
+        );
+        assert!(
+            !sweep(&mut run, T0 + 30 * SEC).changed,
+            "no repetition after the last step"
+        );
+        let t = decide(&mut run, &spec, &req("approve"), T0 + 40 * SEC);
+        assert!(
+            is_applied(&t.outcome),
+            "no cancel step: late decisions are accepted"
+        );
+    }
+
+    #[test]
+    fn ladder_escalation_at_expiry_keeps_upstream_text_and_outcome() {
+        let spec = email_spec();
+        let mut run = awaiting(&spec, &["compose"], T0);
+        set_policy(
+            &mut run,
+            ladder_policy(vec![step(SEC, "escalate", None)], Some(" lead ")),
+        );
+        let t = sweep(&mut run, T0 + SEC);
+        assert_eq!(
+            run.detail.as_deref(),
+            Some("approval gate `approval_gate` expired and was escalated to lead")
+        );
+        assert_eq!(t.effects.audit[0].payload["outcome"], "expired_escalated");
+        assert_eq!(
+            t.effects.lifecycle[0].metadata,
+            Some(json!({
+                "node_id": GATE,
+                "expires_at_ms": T0 + SEC,
+                "escalated_to": "lead",
+                "expiry_policy": {"escalate_to": " lead ",
+                                  "steps": [{"after_ms": SEC, "action": "escalate"}]},
+                "step_index": 0,
+                "step_due_at_ms": T0 + SEC,
+                "effective_execution_profile": "strict",
+            }))
+        );
+    }
+
+    #[test]
+    fn ladder_runtime_skips_unknown_actions_and_never_runs_past_cancel() {
+        let spec = email_spec();
+        let mut run = awaiting(&spec, &["compose"], T0);
+        set_policy(
+            &mut run,
+            ladder_policy(
+                vec![
+                    step(SEC, "page", None),
+                    step(2 * SEC, "remind", None),
+                    step(SEC, "cancel", None),
+                    step(5 * SEC, "remind", None),
+                ],
+                None,
+            ),
+        );
+        let t = sweep(&mut run, T0 + 2 * SEC);
+        assert_eq!(
+            step_indices(&t),
+            vec![1, 2],
+            "cancel at 1 s is not due before the remind at 2 s"
+        );
+        assert_eq!(run.status, AutomationRunStatus::Cancelled);
+    }
+
+    #[test]
+    fn ladder_keys_continue_across_gate_instances() {
+        let spec = email_spec();
+        let mut run = awaiting(&spec, &["compose"], T0);
+        set_policy(
+            &mut run,
+            ladder_policy(
+                vec![step(SEC, "remind", None), step(2 * SEC, "escalate", None)],
+                None,
+            ),
+        );
+        let mut keys = Vec::new();
+        let mut collect = |t: Transition<Vec<GateAction>>| {
+            keys.extend(t.effects.events.into_iter().filter_map(|e| e.dedupe_key));
+        };
+        collect(sweep(&mut run, T0 + 2 * SEC));
+        decide(&mut run, &spec, &req("rework"), T0 + 3 * SEC);
+        run.status = AutomationRunStatus::Running;
+        complete(&mut run, "compose");
+        let reopened = open(&mut run, &spec, T0 + 4 * SEC);
+        set_policy(
+            &mut run,
+            ladder_policy(
+                vec![step(SEC, "remind", None), step(2 * SEC, "escalate", None)],
+                None,
+            ),
+        );
+        assert_eq!(
+            policy::steps_applied(&reopened),
+            0,
+            "a new instance starts its ladder over"
+        );
+        collect(sweep(&mut run, T0 + 10 * SEC));
+        assert_eq!(
+            keys,
+            vec![
+                "automation_v2:run-1:approval_gate:reminder:1",
+                "automation_v2:run-1:approval_gate:escalated:2",
+                "automation_v2:run-1:approval_gate:reminder:3",
+                "automation_v2:run-1:approval_gate:escalated:4",
+            ]
+        );
+    }
+
+    #[test]
+    fn open_gate_publishes_the_ladder_expiry() {
+        let mut spec = email_spec();
+        if let Some(g) = spec.flow.nodes[1].gate.as_mut() {
+            g.expiry_policy = Some(four_step_ladder());
+        }
+        let mut run = new_run(&spec);
+        complete(&mut run, "compose");
+        refresh_runtime_state(&spec, &mut run);
+        let t = open_gate(&mut run, &spec, &defaults(), T0);
+        assert_eq!(
+            t.effects.events[0].properties["expires_at_ms"],
+            T0 + 4 * SEC
+        );
+    }
+
+    #[test]
+    fn spec_validation_names_the_policy_path() {
+        let mut spec = email_spec();
+        assert_eq!(validate_gate_policies(&spec), Ok(()));
+        if let Some(g) = spec.flow.nodes[1].gate.as_mut() {
+            g.expiry_policy = Some(ladder_policy(
+                vec![step(SEC, "remind", None), step(2 * SEC, "page", None)],
+                None,
+            ));
+        }
+        let e = validate_gate_policies(&spec).expect_err("unknown action");
+        assert_eq!(e.path, "flow.nodes[1].gate.expiry_policy.steps[1].action");
+        assert!(e.message.contains("\"page\""), "{}", e.message);
+        // A policy given in the node metadata is checked where the gate would read it from.
+        if let Some(g) = spec.flow.nodes[1].gate.as_mut() {
+            g.expiry_policy = None;
+        }
+        spec.flow.nodes[1].metadata = Some(json!({"approval": {
+            "expiry_policy": "not a policy",
+            "gate_expiry_policy": {"steps": [{"after_ms": 1, "action": "cancel"},
+                                             {"after_ms": 2, "action": "remind"}]}}}));
+        let e = validate_gate_policies(&spec).expect_err("step after cancel");
+        assert_eq!(
+            e.path,
+            "flow.nodes[1].metadata.approval.gate_expiry_policy.steps[1]"
+        );
+        // The whole spec JSON with an unknown action still parses: validation reports it.
+        let mut v = serde_json::to_value(email_spec()).expect("ser");
+        v["flow"]["nodes"][1]["gate"]["expiry_policy"] =
+            json!({"steps": [{"after_ms": 1, "action": "sms"}]});
+        let parsed: AutomationV2Spec = serde_json::from_value(v).expect("parses");
+        assert_eq!(
+            validate_gate_policies(&parsed).map_err(|e| e.path),
+            Err("flow.nodes[1].gate.expiry_policy.steps[0].action".into())
+        );
+    }
+
+    // --------------------------------------------------------------------------------------
     // Stale marking (spec §3.11)
     // --------------------------------------------------------------------------------------
 
@@ -3763,7 +4465,9 @@ mod tests {
 
     mod props {
         use super::*;
+        use crate::effects::EventDraft;
         use proptest::prelude::*;
+        use std::collections::BTreeMap;
 
         #[derive(Debug, Clone)]
         enum Aim {
@@ -3993,6 +4697,218 @@ mod tests {
                     prop_assert!(per_instance.iter().all(|n| *n <= 1), "instances: {:?} history: {:?}", instances, run.checkpoint.gate_history);
                     if run.status == AutomationRunStatus::AwaitingApproval {
                         prop_assert!(run.checkpoint.awaiting_gate.is_some());
+                    }
+                }
+            }
+        }
+
+        #[derive(Debug, Clone)]
+        enum LadderOp {
+            /// A gate-notifier call at `now + dt - back` (`back` > 0: a call at an earlier time
+            /// than one already made, e.g. a slow replica).
+            Sweep {
+                dt: u64,
+                back: u64,
+            },
+            Decide {
+                decision: usize,
+                dt: u64,
+            },
+            Reopen {
+                dt: u64,
+            },
+        }
+
+        fn ladder_op() -> impl Strategy<Value = LadderOp> {
+            prop_oneof![
+                8 => (dt(), prop_oneof![3 => Just(0u64), 1 => 0u64..5_000])
+                    .prop_map(|(dt, back)| LadderOp::Sweep { dt, back }),
+                2 => (0usize..3, dt()).prop_map(|(decision, dt)| LadderOp::Decide { decision, dt }),
+                2 => dt().prop_map(|dt| LadderOp::Reopen { dt }),
+            ]
+        }
+
+        /// Valid ladders: 1–6 remind/escalate steps in time order (equal offsets allowed),
+        /// optionally ending with `cancel`.
+        fn ladder() -> impl Strategy<Value = AutomationGateExpiryPolicy> {
+            (
+                prop::collection::vec(
+                    (
+                        prop_oneof![Just(0u64), 1u64..4_000],
+                        prop_oneof![Just("remind"), Just("escalate")],
+                        any::<bool>(),
+                    ),
+                    1..7,
+                ),
+                any::<bool>(),
+                0u64..4_000,
+            )
+                .prop_map(|(body, end_with_cancel, gap)| {
+                    let mut at = 0;
+                    let mut steps = Vec::new();
+                    for (g, action, named) in body {
+                        at += g;
+                        let to = (action == "escalate" && named).then_some("director");
+                        steps.push(step(at, action, to));
+                    }
+                    if end_with_cancel {
+                        steps.push(step(at + gap, "cancel", None));
+                    }
+                    ladder_policy(steps, Some("lead"))
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(400))]
+
+            /// Under any interleaving of gate-notifier calls at arbitrary times (including
+            /// repeated and out-of-order ones), human decisions and gate re-opens, every ladder
+            /// step of a gate instance is applied exactly once, in order, never before it is due,
+            /// all overdue steps are caught up by the next call, notification keys never repeat,
+            /// nothing follows a `cancel` step, and `next_action_at` is the next unapplied step.
+            #[test]
+            fn ladder_steps_apply_once_in_order_and_keys_never_repeat(
+                gate_policy in ladder(),
+                ops in prop::collection::vec(ladder_op(), 1..50),
+            ) {
+                prop_assert_eq!(policy::validate_expiry_policy(&gate_policy), Ok(()));
+                let stored = gate_policy.steps.clone().unwrap_or_default();
+                let steps = policy::ladder_steps(&stored);
+                prop_assert_eq!(steps.len(), stored.len(), "valid ladders lose no step");
+                let mut spec = email_spec();
+                if let Some(g) = spec.flow.nodes[1].gate.as_mut() {
+                    g.expiry_policy = Some(gate_policy);
+                }
+                let defaults = GatePolicyDefaults { stale_after_ms: 4_000, ..defaults() };
+                let far = GatePolicyDefaults { stale_after_ms: 1_000 * DAY, ..defaults };
+                let mut now = T0;
+                let mut run = awaiting(&spec, &["compose"], now);
+                // Per gate instance (requested_at_ms): steps applied so far, and whether a
+                // terminal (cancel) step was applied.
+                let mut applied: BTreeMap<Millis, (usize, bool)> = BTreeMap::new();
+                let mut keys: HashSet<String> = HashSet::new();
+
+                for op in ops {
+                    match op {
+                        LadderOp::Sweep { dt, back } => {
+                            now += dt;
+                            let at = now.saturating_sub(back);
+                            let open = (run.status == AutomationRunStatus::AwaitingApproval)
+                                .then(|| run.checkpoint.awaiting_gate.clone())
+                                .flatten();
+                            let t = process_gate_policies(&mut run, &defaults, at);
+                            let ladder_events: Vec<&EventDraft> = t
+                                .effects
+                                .events
+                                .iter()
+                                .filter(|e| e.event_type.starts_with("approval.gate."))
+                                .collect();
+                            let Some(gate) = open else {
+                                prop_assert!(ladder_events.is_empty(), "events without an open gate");
+                                continue;
+                            };
+                            let entry = applied.entry(gate.requested_at_ms).or_insert((0, false));
+                            prop_assert!(!entry.1 || ladder_events.is_empty(), "event after a terminal step");
+                            prop_assert_eq!(policy::steps_applied(&gate), entry.0, "persisted progress");
+                            let first = entry.0;
+                            for (n, e) in ladder_events.iter().enumerate() {
+                                let idx = e.properties["step_index"].as_u64().map(|i| i as usize);
+                                prop_assert_eq!(idx, Some(first + n), "in order, each once");
+                                let s = &steps[first + n];
+                                let due = gate.requested_at_ms + s.due_after_ms;
+                                prop_assert!(due <= at, "applied before due");
+                                prop_assert_eq!(e.properties["step_due_at_ms"].as_u64(), Some(due));
+                                let (ty, kind) = match s.action {
+                                    A::Remind => (EVENT_GATE_REMINDER_DUE, Some(":reminder:")),
+                                    A::Escalate => (EVENT_GATE_ESCALATED, Some(":escalated:")),
+                                    A::Cancel => (EVENT_GATE_EXPIRED, None),
+                                };
+                                prop_assert_eq!(e.event_type.as_str(), ty);
+                                match (kind, &e.dedupe_key) {
+                                    (Some(k), Some(key)) => {
+                                        prop_assert!(key.contains(k));
+                                        prop_assert!(keys.insert(key.clone()), "key repeated: {}", key);
+                                    }
+                                    (None, None) => {}
+                                    (kind, key) => prop_assert!(false, "key {:?} for {:?}", key, kind),
+                                }
+                                if s.action == A::Cancel {
+                                    prop_assert_eq!(n + 1, ladder_events.len(), "nothing after cancel");
+                                    entry.1 = true;
+                                }
+                            }
+                            entry.0 += ladder_events.len();
+                            // One lifecycle record per step of its kind (cancel: expired + cancelled).
+                            let count = |name: &str| t.effects.lifecycle.iter().filter(|r| r.event == name).count();
+                            let of = |ty: &str| ladder_events.iter().filter(|e| e.event_type == ty).count();
+                            prop_assert_eq!(count(LIFECYCLE_GATE_REMINDER_DUE), of(EVENT_GATE_REMINDER_DUE));
+                            prop_assert_eq!(count(LIFECYCLE_GATE_ESCALATED), of(EVENT_GATE_ESCALATED));
+                            prop_assert_eq!(count(LIFECYCLE_GATE_EXPIRED), of(EVENT_GATE_EXPIRED));
+                            // Catch-up: every step due at `at` is applied now, unless one closed the gate.
+                            let due_now = steps
+                                .iter()
+                                .take_while(|s| gate.requested_at_ms + s.due_after_ms <= at)
+                                .count();
+                            prop_assert_eq!(entry.0, first.max(due_now));
+                            if entry.1 {
+                                prop_assert_eq!(run.status, AutomationRunStatus::Cancelled);
+                                prop_assert_eq!(
+                                    run.checkpoint.gate_history.last().map(|r| r.decision.as_str()),
+                                    Some("expired")
+                                );
+                            } else {
+                                let g = run.checkpoint.awaiting_gate.as_ref();
+                                prop_assert_eq!(g.map(|g| g.requested_at_ms), Some(gate.requested_at_ms));
+                                if let Some(g) = g {
+                                    prop_assert_eq!(policy::steps_applied(g), entry.0);
+                                    let stale = (!g.is_marked_stale())
+                                        .then(|| g.requested_at_ms + far.stale_after_ms);
+                                    let expected = steps
+                                        .get(entry.0)
+                                        .map(|s| g.requested_at_ms + s.due_after_ms)
+                                        .or(stale);
+                                    prop_assert_eq!(policy::next_action_at(g, &far), expected);
+                                    if let Some(next) = steps.get(entry.0) {
+                                        prop_assert!(g.requested_at_ms + next.due_after_ms > at);
+                                    }
+                                }
+                            }
+                            // The same call again applies nothing.
+                            let again = process_gate_policies(&mut run, &defaults, at);
+                            prop_assert!(!again
+                                .effects
+                                .events
+                                .iter()
+                                .any(|e| e.event_type.starts_with("approval.gate.")));
+                        }
+                        LadderOp::Decide { decision, dt } => {
+                            now += dt;
+                            let open = (run.status == AutomationRunStatus::AwaitingApproval)
+                                .then(|| run.checkpoint.awaiting_gate.clone())
+                                .flatten();
+                            let t = decide(&mut run, &spec, &req(["approve", "rework", "cancel"][decision]), now);
+                            if let Some(gate) = open {
+                                let cancel_due = steps.iter().any(|s| {
+                                    s.action == A::Cancel && gate.requested_at_ms + s.due_after_ms <= now
+                                });
+                                if cancel_due {
+                                    let expired = matches!(t.outcome, GateDecisionOutcome::GateExpired { .. });
+                                    prop_assert!(expired, "{:?}", t.outcome);
+                                    prop_assert!(!t.changed);
+                                } else {
+                                    prop_assert!(is_applied(&t.outcome), "{:?}", t.outcome);
+                                }
+                            } else {
+                                prop_assert!(!t.changed);
+                            }
+                        }
+                        LadderOp::Reopen { dt } => {
+                            now += dt;
+                            if let Some(g) = reopen(&mut run, &spec, now) {
+                                prop_assert_eq!(policy::steps_applied(&g), 0);
+                                prop_assert!(!applied.contains_key(&g.requested_at_ms));
+                            }
+                        }
                     }
                 }
             }

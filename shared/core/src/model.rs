@@ -288,6 +288,11 @@ impl ActorKind {
 }
 
 /// Spec §1.10, stored shape. Every field optional and omitted when `None`.
+///
+/// `steps` is a Tandem Fleet extension (an escalation ladder, see `policy.rs` and
+/// docs/compatibility.md): absent in upstream records, so they round-trip byte for byte. When
+/// it holds at least one step, the ladder replaces `expires_after_ms`, `on_expiry` and
+/// `remind_every_ms`; `escalate_to` stays the default principal of its escalate steps.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AutomationGateExpiryPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -298,6 +303,76 @@ pub struct AutomationGateExpiryPolicy {
     pub escalate_to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remind_every_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<AutomationGateEscalationStep>>,
+}
+
+/// One step of an escalation ladder (Tandem Fleet extension):
+/// `{"after_ms": u64, "action": "remind"|"escalate"|"cancel", "escalate_to"?: String}`.
+///
+/// `after_ms` counts from the gate's `requested_at_ms`. `escalate_to` is read by escalate steps
+/// only (falling back to the policy's `escalate_to`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutomationGateEscalationStep {
+    pub after_ms: u64,
+    pub action: AutomationGateStepAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalate_to: Option<String>,
+}
+
+/// The `action` of a ladder step. Any string deserializes, so that an unknown action reaches
+/// validation (`policy::validate_expiry_policy`, a 400 naming the field's path) instead of failing
+/// the whole document without one; it serializes back unchanged. At run time a step with an
+/// unknown action is inert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AutomationGateStepAction {
+    Known(AutomationGateExpiryAction),
+    Unknown(String),
+}
+
+impl AutomationGateStepAction {
+    /// Exact spelling (`cancel`, `escalate`, `remind`), as serde reads the upstream enum.
+    pub fn parse(raw: &str) -> Self {
+        match raw {
+            "cancel" => Self::Known(AutomationGateExpiryAction::Cancel),
+            "escalate" => Self::Known(AutomationGateExpiryAction::Escalate),
+            "remind" => Self::Known(AutomationGateExpiryAction::Remind),
+            other => Self::Unknown(other.to_owned()),
+        }
+    }
+
+    pub fn known(&self) -> Option<AutomationGateExpiryAction> {
+        match self {
+            Self::Known(a) => Some(*a),
+            Self::Unknown(_) => None,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Known(a) => a.as_str(),
+            Self::Unknown(s) => s,
+        }
+    }
+}
+
+impl From<AutomationGateExpiryAction> for AutomationGateStepAction {
+    fn from(a: AutomationGateExpiryAction) -> Self {
+        Self::Known(a)
+    }
+}
+
+impl Serialize for AutomationGateStepAction {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for AutomationGateStepAction {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        Ok(Self::parse(&raw))
+    }
 }
 
 /// Spec §1.7.
