@@ -17,3 +17,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test --workspace"
 cargo test --workspace
+
+step "NATS-facing tests against a current nats-server 2.1x (ops/second-nats.sh)"
+bash ops/second-nats.sh
