@@ -1,14 +1,12 @@
-//! `tandem-gate-notifier`: Applies approval gate policies (expire, escalate, remind), marks stale
-//! gates and publishes gate events.
-//!
-//! The gate policy loop arrives with the gate-notifier issue. Until then the binary runs the shared
-//! service lifecycle only: configuration checks, Postgres and NATS with retry, schema check,
-//! JetStream streams, health/readiness/metrics on `TANDEM_HEALTH_ADDR` (default `127.0.0.1:39743`),
-//! and a clean exit on SIGTERM/SIGINT.
+//! `tandem-gate-notifier`: applies approval gate policies (expire, escalate, remind), marks stale
+//! gates, publishes gate events and links the protected audit chain. See the library
+//! documentation (`tandem_gate_notifier`) for the loops; health/readiness/metrics are served on
+//! `TANDEM_HEALTH_ADDR` (default `127.0.0.1:39743`), and SIGTERM/SIGINT drains and exits 0.
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use tandem_gate_notifier::{GateNotifier, GateNotifierArgs};
 use tandem_runtime::{CommonArgs, ServiceInfo};
 
 const INFO: ServiceInfo = ServiceInfo {
@@ -22,14 +20,24 @@ const INFO: ServiceInfo = ServiceInfo {
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
+    #[command(flatten)]
+    notifier: GateNotifierArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = tandem_runtime::parse_cli(&INFO);
+    let config = cli.notifier.config();
     tandem_runtime::run(INFO, cli.common, |ctx| async move {
-        ctx.shutdown.wait().await;
-        Ok(())
+        let notifier = GateNotifier::new(
+            ctx.pool.clone(),
+            ctx.nats.clone(),
+            ctx.jetstream.clone(),
+            ctx.prefix.clone(),
+            config,
+            ctx.settings,
+        );
+        notifier.run(ctx.shutdown.clone()).await
     })
     .await
 }

@@ -392,6 +392,12 @@ impl Scheduler {
         if s.claimed > 0 || s.runtime_context_failed > 0 || s.launch_held > 0 {
             tracing::debug!(?s, "claim pass");
         }
+        if report.items.iter().any(|i| {
+            matches!(&i.result, Ok(ClaimItemOutcome::Claimed { dispatch, .. })
+                if dispatch.run.status == AutomationRunStatus::AwaitingApproval)
+        }) {
+            self.wake_gate_notifiers().await;
+        }
         self.after_commit(&report.runs_with_outbox(), &cancels, freed)
             .await;
         Ok(s)
@@ -512,6 +518,14 @@ impl Scheduler {
     /// Wakes this replica's claim loop now (tests, or after a local change).
     pub fn wake_local(&self) {
         self.inner.wake.notify_one();
+    }
+
+    /// A gate opened: gate-notifiers re-read their next due time (a hint; they also poll).
+    async fn wake_gate_notifiers(&self) {
+        let subject = tandem_bus::wake_gates_subject(&self.inner.prefix);
+        if let Err(e) = tandem_bus::wake(&self.inner.nats, subject).await {
+            tracing::debug!(error = %e, "gate-notifier wake-up not sent");
+        }
     }
 
     /// After a commit: publish the outbox rows of these runs, send cancel hints, wake schedulers.
@@ -644,6 +658,7 @@ impl Scheduler {
         let mut relay = Vec::new();
         let mut cancels = Vec::new();
         let mut wake = false;
+        let mut gate_opened = false;
         for item in items {
             let indices = by_run
                 .get(item.run_id.as_str())
@@ -705,6 +720,10 @@ impl Scheduler {
             }
             wake |=
                 status != AutomationRunStatus::Running && status != AutomationRunStatus::Pausing;
+            gate_opened |= status == AutomationRunStatus::AwaitingApproval;
+        }
+        if gate_opened {
+            self.wake_gate_notifiers().await;
         }
         if !relay.is_empty() || !cancels.is_empty() || wake {
             self.after_commit(&relay, &cancels, wake).await;

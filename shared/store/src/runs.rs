@@ -45,12 +45,17 @@ impl HotColumns {
     }
 }
 
-/// When the gate-notifier next needs this run: only awaiting runs with a gate are ever due.
+/// When the gate-notifier next needs this run: only awaiting runs with an open gate that has no
+/// settled decision are ever due. A settled but unapplied decision is the sweeper's recovery (spec
+/// §4.5), not a policy action; indexing it would put it first in the due order forever.
 pub fn next_action_at(run: &AutomationV2RunRecord, settings: &StoreSettings) -> Option<Millis> {
     if run.status != AutomationRunStatus::AwaitingApproval {
         return None;
     }
     let gate = run.checkpoint.awaiting_gate.as_ref()?;
+    if tandem_core::gate::settled_decision(run, gate).is_some() {
+        return None;
+    }
     tandem_core::policy::next_action_at(gate, &settings.gates)
 }
 
