@@ -41,13 +41,12 @@ use tandem_core::audit::ChainBreak;
 use tandem_core::config::{GatePolicyDefaults, LifecycleSettings};
 use tandem_core::gate::{
     CODE_GATE_EXPIRED, CODE_NOT_AWAITING_APPROVAL, GateAction, GateDecisionOutcome,
-    GateDecisionRequest, build_pending_gate, decide_gate,
+    GateDecisionRequest, decide_gate,
 };
 use tandem_core::{
-    AutomationFlowNode, AutomationGateDecisionRecord, AutomationGateEscalationStep,
-    AutomationGateExpiryAction as A, AutomationGateExpiryPolicy, AutomationRunStatus,
-    AutomationStopKind, AutomationV2RunRecord, AutomationV2Spec, Effects, ExecutionProfile,
-    GovernanceActorRef, Millis, TenantContext, Transition,
+    AutomationGateDecisionRecord, AutomationGateEscalationStep, AutomationGateExpiryAction as A,
+    AutomationGateExpiryPolicy, AutomationRunStatus, AutomationStopKind, AutomationV2RunRecord,
+    Effects, GovernanceActorRef, Transition,
 };
 use tandem_gate_notifier::{
     GateNotifier, GateNotifierConfig, GateOutcome, SweepReport, gate_transition, sweep_due_gates,
@@ -55,11 +54,11 @@ use tandem_gate_notifier::{
 use tandem_runtime::{RelaySettings, Shutdown};
 use tandem_store::{Applied, Fence, StoreSettings, Sweep};
 use tandem_tests::procs::{EXIT_TIMEOUT, Proc, free_port, http_get};
+use tandem_tests::gates::{GATE, awaiting_run, spec};
 use tandem_tests::{TestDb, db_now, nats_url, unique};
 
 const SEC: u64 = 1_000;
 const DAY: u64 = 86_400_000;
-const GATE: &str = "approval";
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -70,18 +69,6 @@ fn defaults() -> GatePolicyDefaults {
 
 fn settings() -> StoreSettings {
     StoreSettings::new(defaults())
-}
-
-/// draft → approval (rework target draft) → send.
-fn spec() -> AutomationV2Spec {
-    AutomationV2Spec::new(
-        "auto-gates",
-        vec![
-            AutomationFlowNode::task("draft", &[]),
-            AutomationFlowNode::approval(GATE, &["draft"], &["draft"]),
-            AutomationFlowNode::task("send", &[GATE]),
-        ],
-    )
 }
 
 fn policy(
@@ -97,41 +84,6 @@ fn policy(
         remind_every_ms,
         ..Default::default()
     }
-}
-
-/// A run as the scheduler leaves it when the gate opens at `requested_at_ms`: draft completed,
-/// send blocked, the gate built from the node with `policy`.
-fn awaiting_run(
-    run_id: &str,
-    requested_at_ms: Millis,
-    policy: Option<AutomationGateExpiryPolicy>,
-) -> anyhow::Result<AutomationV2RunRecord> {
-    let spec = spec();
-    let mut run = AutomationV2RunRecord::new_queued(
-        run_id.into(),
-        &spec,
-        "manual",
-        ExecutionProfile::Strict,
-        requested_at_ms.saturating_sub(SEC),
-    );
-    run.tenant_context = TenantContext::explicit("org-1", "ws.one");
-    run.status = AutomationRunStatus::AwaitingApproval;
-    run.started_at_ms = Some(requested_at_ms.saturating_sub(SEC));
-    run.updated_at_ms = requested_at_ms;
-    run.checkpoint.pending_nodes.retain(|n| n != "draft");
-    run.checkpoint.completed_nodes.push("draft".into());
-    run.checkpoint.node_outputs.insert(
-        "draft".into(),
-        json!({"status": "completed", "node_id": "draft"}),
-    );
-    run.checkpoint.node_attempts.insert("draft".into(), 1);
-    run.checkpoint.blocked_nodes = vec!["send".into()];
-    let node = spec.node(GATE).context("gate node")?;
-    let mut gate = build_pending_gate(node, requested_at_ms).context("gate config")?;
-    gate.expiry_policy = policy;
-    run.checkpoint.awaiting_gate = Some(gate);
-    run.detail = Some(format!("awaiting approval for gate `{GATE}`"));
-    Ok(run)
 }
 
 async fn create(

@@ -9,6 +9,10 @@
 //! * `end_to_end`: one-task no-op runs completed per second with 2 workers.
 //! * `enqueue_to_claim`: enqueue → claimed latency (p50/p99) at a steady enqueue rate.
 //! * peak RSS (`VmHWM`) of every process.
+//!
+//! `tandem-bench gates`: see the `gates` module.
+
+mod gates;
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +51,21 @@ enum Bench {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Gate-notifier actions/s (1 and 3 replicas), due → published latency, idle tick cost.
+    Gates {
+        /// Gates due at once in each throughput measurement.
+        #[arg(long, default_value_t = 20_000)]
+        gates: usize,
+        /// Gates falling due per second in the latency measurement.
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        /// Seconds of gates falling due in the latency measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Not-yet-due gate counts for the idle tick measurement.
+        #[arg(long, value_delimiter = ',', default_values_t = [10_000usize, 1_000_000])]
+        idle: Vec<usize>,
+    },
 }
 
 #[tokio::main]
@@ -58,6 +77,12 @@ async fn main() -> anyhow::Result<()> {
             rate,
             seconds,
         } => scheduler(runs, e2e_runs, rate, seconds).await,
+        Bench::Gates {
+            gates: n,
+            rate,
+            seconds,
+            idle,
+        } => gates::gates(n, rate, seconds, &idle).await,
     }
 }
 
