@@ -12,12 +12,12 @@ use tandem_store::MAX_BATCH;
 /// `tandem-gate-notifier` flags.
 #[derive(Debug, Clone, Args)]
 pub struct GateNotifierArgs {
-    /// Due gates examined per transaction (1-50). A full batch that changed something is followed
+    /// Due gates examined per transaction (1-500). A full batch that changed something is followed
     /// at once by the next.
     #[arg(
         long = "batch",
         env = "TANDEM_GATE_NOTIFIER_BATCH",
-        default_value_t = 50,
+        default_value_t = 200,
         value_parser = clap::value_parser!(u16).range(1..=MAX_BATCH as i64)
     )]
     pub batch: u16,
@@ -83,7 +83,7 @@ pub struct GateNotifierConfig {
 impl Default for GateNotifierConfig {
     fn default() -> Self {
         Self {
-            batch: MAX_BATCH,
+            batch: 200,
             poll_interval: Duration::from_secs(2),
             audit_link_interval: Some(Duration::from_millis(500)),
             relay: RelaySettings::default(),

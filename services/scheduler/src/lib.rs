@@ -55,7 +55,7 @@ use tandem_core::protocol::{TaskCancel, TaskProgress, TaskResult};
 use tandem_core::{AutomationRunStatus, claim::ClaimOutcome};
 use tandem_runtime::{Relay, Shutdown, backoff};
 use tandem_store::{ClaimItemOutcome, ClaimLimits, LeaseEpoch, Pool, StoreError, StoreSettings};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 pub use config::{SchedulerArgs, SchedulerConfig};
 pub use exec::ResultDisposition;
@@ -66,6 +66,8 @@ pub const RESULTS_CONSUMER: &str = "tandem-scheduler-results";
 pub const PROGRESS_QUEUE_GROUP: &str = "tandem-scheduler";
 /// Consecutive failed fetches after which the results loop re-binds its consumer.
 pub const RESULTS_FETCH_FAILURES_BEFORE_REBIND: u32 = 5;
+/// Claim passes whose post-commit work (relay, hints) may run while the next pass claims.
+const AFTER_CLAIM_IN_FLIGHT: u32 = 4;
 /// Results per transaction below which a fetched batch is not split further.
 const RESULTS_PER_TRANSACTION: usize = 16;
 /// Claimed runs re-evaluated per transaction by [`Scheduler::tick_claimed`].
@@ -176,6 +178,8 @@ struct Inner {
     store: StoreSettings,
     /// Local claim-loop wake-up (fed by `tandem.wake.scheduler`).
     wake: Notify,
+    /// Post-claim work (relay, hints) in flight, so the next claim need not wait for it.
+    after_claim: Arc<Semaphore>,
     counters: Counters,
 }
 
@@ -239,6 +243,7 @@ impl Scheduler {
                 config,
                 lifecycle,
                 wake: Notify::new(),
+                after_claim: Arc::new(Semaphore::new(AFTER_CLAIM_IN_FLIGHT as usize)),
                 counters: Counters::default(),
             }),
         }
@@ -299,6 +304,10 @@ impl Scheduler {
             self.run_tick_loop(shutdown.clone()),
         );
         wake.abort();
+        // Post-claim relays still in flight finish before the process exits.
+        if let Ok(all) = self.inner.after_claim.acquire_many(AFTER_CLAIM_IN_FLIGHT).await {
+            drop(all);
+        }
         if let Err(e) = relay.await {
             tracing::warn!(error = %e, "outbox relay task failed");
         }
@@ -398,8 +407,21 @@ impl Scheduler {
         }) {
             self.wake_gate_notifiers().await;
         }
-        self.after_commit(&report.runs_with_outbox(), &cancels, freed)
-            .await;
+        // The relay of this pass runs beside the next pass (bounded; the relay keeps each run's
+        // rows in order by itself), so claiming does not wait for PubAcks.
+        let runs = report.runs_with_outbox();
+        if !runs.is_empty() || !cancels.is_empty() || freed {
+            match self.inner.after_claim.clone().acquire_owned().await {
+                Ok(permit) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        me.after_commit(&runs, &cancels, freed).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => self.after_commit(&runs, &cancels, freed).await,
+            }
+        }
         Ok(s)
     }
 

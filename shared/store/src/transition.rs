@@ -30,9 +30,10 @@ use tandem_core::{
 use tokio_postgres::Row;
 
 /// Largest batch [`transition_batch`] processes in one transaction. The batch is written with
-/// set statements; only when that fails does each run get a savepoint, and staying near
-/// PostgreSQL's 64 cached subtransactions per backend keeps that fallback cheap for everyone.
-pub const MAX_BATCH: usize = 50;
+/// set statements, so the bound only keeps lock hold times short; only when that write fails does
+/// each run get a savepoint (more than 64 of them overflow PostgreSQL's per-backend subxid cache,
+/// a cost paid in that rare fallback only).
+pub const MAX_BATCH: usize = 500;
 
 /// A locked run row before the closure runs.
 pub(crate) struct LockedRow {
