@@ -6,6 +6,7 @@
 
 mod audit;
 mod automations;
+mod candidates;
 mod claim;
 mod convert;
 mod error;
@@ -13,13 +14,19 @@ mod governance;
 mod migrate;
 mod outbox;
 mod pool;
+mod retention;
 mod runs;
+mod spend;
 mod transition;
 mod types;
 mod write;
 
 pub use audit::{MAX_LINK_BATCH, audit_record_hash, link_audit_chain, verify_audit_chain};
 pub use automations::{get_automation, insert_automation, list_automations, upsert_automation};
+pub use candidates::{
+    CandidateCursor, Candidates, any_active_quota_override, any_spend_pause, candidate_page,
+    candidates_sql,
+};
 pub use claim::{
     CLAIM_CANDIDATES_SQL, CLAIM_LOCK_KEY, ClaimItem, ClaimItemOutcome, ClaimLimits, ClaimReport,
     MAX_CLAIM_BATCH, claim_runs,
@@ -38,9 +45,17 @@ pub use outbox::{
     engine_event, mark_outbox_published, outbox_rows, release_outbox, unpublished_outbox,
 };
 pub use pool::{connect, connect_with_size};
+pub use retention::{
+    PRUNED_MARKER, PruneReport, PrunedDoc, STUB_STRING_CHARS, TERMINAL_STATUSES,
+    prune_heavy_values, prune_published_outbox, prune_terminal_runs,
+};
 pub use runs::{
     CLAIM_QUEUED_SQL, claim_queued, claimed_run_ids, create_run, get_run, get_stored_run,
     list_runs_by_status, next_action_at, next_gate_action_at, touch_activity,
+};
+pub use spend::{
+    RunSpend, SPEND_LOCK_KEY, SpendApplied, SpendInputs, SpendPauseRow, SpendPlan,
+    evaluate_spend_caps,
 };
 pub use transition::{
     BatchItem, MAX_BATCH, Sweep, sweep_select_sql, transition_batch, transition_run,
