@@ -23,10 +23,7 @@ use anyhow::{Context as _, bail, ensure};
 use deadpool_postgres::Pool;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
-use tandem_bus::{
-    Prefix, StreamNames,
-    async_nats::{self, jetstream},
-};
+use tandem_bus::{Prefix, StreamNames};
 use tandem_core::config::{GatePolicyDefaults, LifecycleSettings, StaleSettings};
 use tandem_core::effects::lifecycle_record;
 use tandem_core::execution::cancel_run;
@@ -45,6 +42,7 @@ use tandem_store::{
     Fence, NewQuotaOverride, QuotaOverrideStatus, SpendCap, StoreSettings, TERMINAL_STATUSES,
 };
 use tandem_sweeper::{Duty, Sweeper, SweeperConfig};
+use tandem_tests::bus::TestBus;
 use tandem_tests::procs::{EXIT_TIMEOUT, Proc, delete_streams, free_port, http_get};
 use tandem_tests::{TestDb, db_now, nats_url, unique};
 use tokio::sync::Mutex;
@@ -270,22 +268,19 @@ where
     }
 }
 
-/// A NATS connection with the streams of a fresh prefix.
-struct Bus {
-    client: async_nats::Client,
-    js: jetstream::Context,
-    prefix: Prefix,
+/// The test's NATS connection and streams, plus the services built on them.
+struct Bus(TestBus);
+
+impl std::ops::Deref for Bus {
+    type Target = TestBus;
+    fn deref(&self) -> &TestBus {
+        &self.0
+    }
 }
 
 impl Bus {
     async fn new() -> anyhow::Result<Self> {
-        let prefix = Prefix::new(&unique("sw"))?;
-        let client = tandem_bus::connect(&tandem_bus::NatsOptions::new(nats_url()), "tandem-tests")
-            .await
-            .context("connecting to NATS")?;
-        let js = tandem_bus::jetstream(client.clone());
-        tandem_bus::ensure_streams(&js, &prefix).await?;
-        Ok(Self { client, js, prefix })
+        Ok(Self(TestBus::new("sw").await?))
     }
 
     fn sweeper(&self, pool: &Pool, lifecycle: LifecycleSettings) -> Sweeper {
@@ -350,10 +345,6 @@ impl Bus {
             }
         }
         Ok(out)
-    }
-
-    async fn cleanup(&self) -> anyhow::Result<()> {
-        delete_streams(self.prefix.as_str()).await
     }
 }
 

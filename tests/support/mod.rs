@@ -5,6 +5,7 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`); `TANDEM_TEST_NATS_URL` the NATS server (default
 //! `nats://127.0.0.1:4222`).
 
+pub mod bus;
 pub mod gates;
 pub mod procs;
 
