@@ -1777,3 +1777,79 @@ async fn governance_snapshot_reads_pauses_and_live_overrides() -> anyhow::Result
     drop(pool);
     db.drop_db().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transition_runs_locks_in_id_order_reports_unknown_runs_and_bumps_activity()
+-> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    let now = db_now(&pool).await?;
+    for id in ["b", "a", "c"] {
+        create(&pool, &queued_run(id, None, now)).await?;
+    }
+    let before = tandem_store::get_stored_run(&pool, "c")
+        .await?
+        .activity_at_ms;
+    // Activity is stamped with the database clock: let it move on.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let ids: Vec<String> = ["c", "zz", "a", "b"].map(String::from).to_vec();
+    let items = tandem_store::transition_runs(&pool, &ids, &settings(), true, |run, env| {
+        if run.run_id == "c" {
+            Transition::unchanged(())
+        } else {
+            pause(run, env.now_ms, None)
+        }
+    })
+    .await?;
+    let order: Vec<&str> = items.iter().map(|i| i.run_id.as_str()).collect();
+    assert_eq!(order, ["a", "b", "c", "zz"], "run id order");
+    assert!(matches!(items[3].result, Err(StoreError::NotFound(_))));
+    for id in ["a", "b"] {
+        let s = tandem_store::get_stored_run(&pool, id).await?;
+        assert_eq!(s.run.status, AutomationRunStatus::Paused);
+        assert!(
+            s.activity_at_ms > before,
+            "{id}: a changed run's activity moves on"
+        );
+    }
+    let c = tandem_store::get_stored_run(&pool, "c").await?;
+    assert_eq!(c.run.status, AutomationRunStatus::Queued);
+    assert_eq!(c.activity_at_ms, before, "an unchanged run is not written");
+    assert_eq!(
+        counts(&pool).await?[3],
+        2,
+        "one outbox event per changed run"
+    );
+
+    // Overlapping sets in opposite orders, many times at once: the id-ordered locks never
+    // deadlock, and every call applies to every run.
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let pool = pool.clone();
+        let ids: Vec<String> = if i % 2 == 0 {
+            ["a", "b", "c"].map(String::from).to_vec()
+        } else {
+            ["c", "b", "a"].map(String::from).to_vec()
+        };
+        calls.push(tokio::spawn(async move {
+            tandem_store::transition_runs(&pool, &ids, &settings(), false, |run, env| {
+                update(run, env.now_ms, |run, _| {
+                    run.detail = Some(format!("{}+", run.detail.clone().unwrap_or_default()));
+                })
+            })
+            .await
+        }));
+    }
+    for call in calls {
+        let items = call.await??;
+        assert!(items.iter().all(|i| i.result.is_ok()), "{items:?}");
+    }
+    for id in ["a", "b", "c"] {
+        let detail = tandem_store::get_run(&pool, id)
+            .await?
+            .detail
+            .unwrap_or_default();
+        assert_eq!(detail.matches('+').count(), 8, "{id}: {detail}");
+    }
+    drop(pool);
+    db.drop_db().await
+}
