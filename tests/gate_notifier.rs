@@ -53,8 +53,8 @@ use tandem_gate_notifier::{
 };
 use tandem_runtime::{RelaySettings, Shutdown};
 use tandem_store::{Applied, Fence, StoreSettings, Sweep};
-use tandem_tests::procs::{EXIT_TIMEOUT, Proc, free_port, http_get};
 use tandem_tests::gates::{GATE, awaiting_run, spec};
+use tandem_tests::procs::{EXIT_TIMEOUT, Proc, free_port, http_get};
 use tandem_tests::{TestDb, db_now, nats_url, unique};
 
 const SEC: u64 = 1_000;

@@ -305,7 +305,12 @@ impl Scheduler {
         );
         wake.abort();
         // Post-claim relays still in flight finish before the process exits.
-        if let Ok(all) = self.inner.after_claim.acquire_many(AFTER_CLAIM_IN_FLIGHT).await {
+        if let Ok(all) = self
+            .inner
+            .after_claim
+            .acquire_many(AFTER_CLAIM_IN_FLIGHT)
+            .await
+        {
             drop(all);
         }
         if let Err(e) = relay.await {

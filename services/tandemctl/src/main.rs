@@ -1,10 +1,18 @@
 //! `tandemctl`: the operator CLI.
 //!
-//! For now: `tandemctl migrate` (applies the embedded migrations, creating the database if it
-//! does not exist) and `tandemctl schema` (prints the schema status). Commands over the HTTP API
-//! arrive with the API issue.
+//! * `migrate`, `schema`: the database (direct connection, `TANDEM_DATABASE_URL`).
+//! * Over the HTTP API (`TANDEM_API_URL`, default `http://127.0.0.1:39731`, with
+//!   `TANDEM_API_TOKEN`): `automations apply -f spec.(json|yaml)|list|run`,
+//!   `runs list|get|watch|pause|resume|cancel|recover|task`, `gates pending|approve|rework|cancel`,
+//!   `audit verify`, `tokens create`.
+//! * Over NATS (`TANDEM_NATS_URL`, `TANDEM_NATS_PREFIX`): `events tail`.
+//! * `up`: the whole fleet locally with a demo (see `up.rs`).
 
-use std::{process::ExitCode, time::Duration};
+mod http;
+mod ops;
+mod up;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -26,8 +34,158 @@ struct Cli {
         global = true
     )]
     log_format: LogFormat,
+    /// Base URL of the Tandem API.
+    #[arg(
+        long = "api-url",
+        env = "TANDEM_API_URL",
+        default_value = "http://127.0.0.1:39731",
+        global = true
+    )]
+    api_url: String,
+    /// API token (the admin `TANDEM_API_TOKEN` or a tenant token).
+    #[arg(
+        long = "token",
+        env = "TANDEM_API_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Automations {
+    /// Create or replace the automations of a `.json`, `.yaml` or `.yml` file (one spec, a list,
+    /// or `{automations: [...]}`).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List automations.
+    List,
+    /// Start a run now (prints the run id).
+    Run {
+        automation_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Runs {
+    /// Newest runs as a table.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long = "automation")]
+        automation: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// The full run record as JSON.
+    Get { run_id: String },
+    /// A live table of the newest runs, refreshed until Ctrl-C.
+    Watch {
+        #[arg(long = "every-ms", default_value_t = 2000)]
+        every_ms: u64,
+        #[arg(long, default_value_t = 30)]
+        limit: usize,
+    },
+    Pause {
+        run_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Resume {
+        run_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Cancel {
+        run_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Recover {
+        run_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// `retry`, `requeue` or `continue` a node of a run.
+    Task {
+        run_id: String,
+        node_id: String,
+        #[arg(value_parser = ["retry", "requeue", "continue"])]
+        action: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Gates {
+    /// Pending approvals as a table.
+    Pending,
+    Approve {
+        run_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Rework {
+        run_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Cancel {
+        run_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Audit {
+    /// Link pending records and verify the whole hash chain (exit 1 when broken).
+    Verify,
+}
+
+#[derive(Debug, Subcommand)]
+enum Events {
+    /// Print gate and run events as they are published (live; Ctrl-C to stop).
+    Tail {
+        #[command(flatten)]
+        nats: tandem_runtime::NatsArgs,
+        /// Only lines containing this text.
+        #[arg(long)]
+        grep: Option<String>,
+        /// Raw JSON instead of one line per event.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Tokens {
+    /// Create a tenant-bound token (admin token needed); prints it once.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        workspace: String,
+        #[arg(long, value_parser = ["human", "agent", "system"], default_value = "human")]
+        kind: String,
+        #[arg(long)]
+        actor: Option<String>,
+        /// Verified reviewer authority for governed gates.
+        #[arg(long)]
+        reviewer: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,6 +198,27 @@ enum Command {
     },
     /// Print the database schema version and whether this build can run against it.
     Schema,
+    /// Automations over the API.
+    #[command(subcommand)]
+    Automations(Automations),
+    /// Runs over the API.
+    #[command(subcommand)]
+    Runs(Runs),
+    /// Approval gates over the API.
+    #[command(subcommand)]
+    Gates(Gates),
+    /// The protected audit log.
+    #[command(subcommand)]
+    Audit(Audit),
+    /// Events on NATS.
+    #[command(subcommand)]
+    Events(Events),
+    /// API tokens.
+    #[command(subcommand)]
+    Tokens(Tokens),
+    /// Run the whole fleet locally with a demo, until Ctrl-C (starts PostgreSQL and NATS when
+    /// needed, installing them with apt-get when missing).
+    Up(Box<up::UpArgs>),
 }
 
 #[tokio::main]
@@ -58,6 +237,27 @@ async fn main() -> ExitCode {
             migrate(&cli.database.database_url, Duration::from_secs(wait_secs)).await
         }
         Command::Schema => schema(&cli.database.database_url).await,
+        Command::Events(Events::Tail {
+            nats,
+            grep,
+            json,
+            count,
+        }) => ops::events_tail(&nats, grep.as_deref(), json, count)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Up(args) => up::up(*args, &cli.database.database_url, cli.token.clone())
+            .await
+            .map(|ok| {
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }),
+        other => match http::Api::new(&cli.api_url, cli.token.clone()) {
+            Ok(api) => api_command(&api, other).await,
+            Err(e) => Err(e),
+        },
     };
     telemetry.shutdown().await;
     match result {
@@ -188,4 +388,89 @@ async fn schema(url: &str) -> anyhow::Result<ExitCode> {
         }
         Err(e) => Err(e).context("checking the schema"),
     }
+}
+
+async fn api_command(api: &http::Api, command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Automations(a) => match a {
+            Automations::Apply { file } => ops::apply(api, &file).await?,
+            Automations::List => ops::automations_list(api).await?,
+            Automations::Run {
+                automation_id,
+                reason,
+            } => println!(
+                "{}",
+                ops::run_now(api, &automation_id, reason.as_deref()).await?
+            ),
+        },
+        Command::Runs(r) => match r {
+            Runs::List {
+                status,
+                automation,
+                limit,
+            } => ops::runs_list(api, status.as_deref(), automation.as_deref(), limit).await?,
+            Runs::Get { run_id } => ops::runs_get(api, &run_id).await?,
+            Runs::Watch { every_ms, limit } => {
+                ops::runs_watch(api, Duration::from_millis(every_ms.max(200)), limit).await?
+            }
+            Runs::Pause { run_id, reason } => {
+                ops::run_action(api, &run_id, "pause", reason.as_deref()).await?
+            }
+            Runs::Resume { run_id, reason } => {
+                ops::run_action(api, &run_id, "resume", reason.as_deref()).await?
+            }
+            Runs::Cancel { run_id, reason } => {
+                ops::run_action(api, &run_id, "cancel", reason.as_deref()).await?
+            }
+            Runs::Recover { run_id, reason } => {
+                ops::run_action(api, &run_id, "recover", reason.as_deref()).await?
+            }
+            Runs::Task {
+                run_id,
+                node_id,
+                action,
+                reason,
+            } => ops::task_action(api, &run_id, &node_id, &action, reason.as_deref()).await?,
+        },
+        Command::Gates(g) => match g {
+            Gates::Pending => {
+                ops::gates_pending(api).await?;
+            }
+            Gates::Approve { run_id, reason } => {
+                ops::gate_decide(api, &run_id, "approve", reason.as_deref()).await?
+            }
+            Gates::Rework { run_id, reason } => {
+                ops::gate_decide(api, &run_id, "rework", reason.as_deref()).await?
+            }
+            Gates::Cancel { run_id, reason } => {
+                ops::gate_decide(api, &run_id, "cancel", reason.as_deref()).await?
+            }
+        },
+        Command::Audit(Audit::Verify) => {
+            if !ops::audit_verify(api).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Tokens(Tokens::Create {
+            name,
+            org,
+            workspace,
+            kind,
+            actor,
+            reviewer,
+        }) => {
+            ops::token_create(
+                api,
+                &name,
+                &org,
+                &workspace,
+                &kind,
+                actor.as_deref(),
+                reviewer,
+            )
+            .await?
+        }
+        Command::Migrate { .. } | Command::Schema | Command::Events(_) | Command::Up(_) => {}
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -14,6 +14,7 @@ mod governance;
 mod migrate;
 mod outbox;
 mod pool;
+mod queries;
 mod retention;
 mod runs;
 mod spend;
@@ -45,6 +46,10 @@ pub use outbox::{
     engine_event, mark_outbox_published, outbox_rows, release_outbox, unpublished_outbox,
 };
 pub use pool::{connect, connect_with_size};
+pub use queries::{
+    ApiToken, RunFilter, append_audit, audit_records, awaiting_approval_runs, db_now_ms,
+    find_api_token, insert_api_token, list_automations_in, list_runs, revoke_api_token,
+};
 pub use retention::{
     PRUNED_MARKER, PruneReport, PrunedDoc, STUB_STRING_CHARS, TERMINAL_STATUSES,
     prune_heavy_values, prune_published_outbox, prune_terminal_runs,

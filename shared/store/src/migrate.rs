@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox_tasks_and_relay_leases",
         sql: include_str!("../migrations/V2__outbox_tasks_and_relay_leases.sql"),
     },
+    Migration {
+        version: 3,
+        name: "api_tokens",
+        sql: include_str!("../migrations/V3__api_tokens.sql"),
+    },
 ];
 
 /// The schema version this build needs.
