@@ -107,11 +107,11 @@ mod tests {
         let cli = Cli::try_parse_from(["x"]).expect("defaults parse");
         let c = cli.notifier.config();
         assert_eq!(c, GateNotifierConfig::default());
-        assert_eq!(c.batch, 50);
+        assert_eq!(c.batch, 200);
         assert_eq!(c.relay.lease, Duration::from_secs(30));
         for bad in [
             ["x", "--batch", "0"],
-            ["x", "--batch", "51"],
+            ["x", "--batch", "501"],
             ["x", "--poll-ms", "5"],
             ["x", "--audit-link-ms", "60001"],
             ["x", "--relay-lease-secs", "0"],

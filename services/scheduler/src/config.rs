@@ -140,13 +140,13 @@ mod tests {
     fn defaults_and_bounds() {
         let cli = Cli::try_parse_from(["x"]).expect("defaults parse");
         let c = cli.scheduler.config();
-        assert_eq!(c.claim_batch, 64);
+        assert_eq!(c.claim_batch, 256);
         assert_eq!(c.poll_interval, Duration::from_secs(1));
         assert_eq!(c.relay.lease, Duration::from_secs(30));
         assert_eq!(c.relay.poll, c.poll_interval);
         for bad in [
             ["x", "--claim-batch", "0"],
-            ["x", "--claim-batch", "65"],
+            ["x", "--claim-batch", "513"],
             ["x", "--poll-ms", "1"],
             ["x", "--results-concurrency", "0"],
             ["x", "--relay-lease-secs", "0"],
