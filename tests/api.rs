@@ -2101,3 +2101,122 @@ async fn gate_error_codes() -> anyhow::Result<()> {
     );
     fx.finish().await
 }
+
+#[tokio::test]
+async fn fleet_shutdown_action_fails_running_runs_only_when_confirmed_by_an_admin()
+-> anyhow::Result<()> {
+    let fx = Fixture::start(1).await?;
+    let (code, _) = fx
+        .admin(
+            "POST",
+            "/automations/v2",
+            Some(automation("auto-stop", vec![node("a", &[])], None)),
+        )
+        .await?;
+    ensure!(code == 200, "create: {code}");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (code, r) = fx
+            .admin("POST", "/automations/v2/auto-stop/run_now", Some(json!({})))
+            .await?;
+        ensure!(code == 200, "run_now: {code} {r}");
+        ids.push(r["run"]["run_id"].as_str().context("run_id")?.to_owned());
+    }
+    // Two of them running (claimed as the scheduler does), one left queued.
+    let limits = tandem_store::ClaimLimits {
+        max_concurrent_runs: 2,
+        batch: 8,
+    };
+    tandem_store::claim_runs(&fx.pool, limits, &Default::default(), |_, _| {
+        tandem_core::Transition::unchanged(())
+    })
+    .await?;
+
+    let (code, body) = fx
+        .admin("POST", "/admin/fleet/fail-running-runs", Some(json!({})))
+        .await?;
+    ensure!(
+        code == 400 && body["path"] == "confirm",
+        "unconfirmed: {code} {body}"
+    );
+    let human = fx.token("local", "local", "human", "alice", true).await?;
+    let (code, body) = fx
+        .as_token(
+            &human,
+            "POST",
+            "/admin/fleet/fail-running-runs",
+            Some(json!({"confirm": true})),
+        )
+        .await?;
+    ensure!(code == 403, "non-admin: {code} {body}");
+    let mut statuses = Vec::new();
+    for id in &ids {
+        statuses.push(tandem_store::get_run(&fx.pool, id).await?.status);
+    }
+    ensure!(
+        statuses
+            .iter()
+            .filter(|s| **s == AutomationRunStatus::Running)
+            .count()
+            == 2,
+        "refused requests change nothing: {statuses:?}"
+    );
+
+    let (code, body) = fx
+        .admin(
+            "POST",
+            "/admin/fleet/fail-running-runs",
+            Some(json!({"confirm": true})),
+        )
+        .await?;
+    ensure!(code == 200 && body["ok"] == true, "{code} {body}");
+    ensure!(body["failed"].as_array().map(Vec::len) == Some(2), "{body}");
+    for id in &ids {
+        let run = tandem_store::get_run(&fx.pool, id).await?;
+        if body["failed"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|f| f == id.as_str())
+        {
+            ensure!(
+                run.status == AutomationRunStatus::Failed,
+                "{id}: {:?}",
+                run.status
+            );
+            ensure!(
+                run.stop_kind == Some(tandem_core::AutomationStopKind::Shutdown),
+                "{id}: {:?}",
+                run.stop_kind
+            );
+            ensure!(
+                run.detail.as_deref() == Some("automation run stopped during server shutdown"),
+                "{id}: {:?}",
+                run.detail
+            );
+        } else {
+            ensure!(
+                run.status == AutomationRunStatus::Queued,
+                "{id}: queued runs are kept"
+            );
+        }
+    }
+    // Nothing running is left: a second call fails nobody.
+    let (code, body) = fx
+        .admin(
+            "POST",
+            "/admin/fleet/fail-running-runs",
+            Some(json!({"confirm": true})),
+        )
+        .await?;
+    ensure!(
+        code == 200 && body["failed"].as_array().map(Vec::len) == Some(0),
+        "{body}"
+    );
+    // The CLI refuses without --yes, and reports what it failed.
+    let (ok, _, err) = ctl(&fx, &["fleet", "fail-running-runs"]).await?;
+    ensure!(!ok && err.contains("--yes"), "{err}");
+    let (ok, out, err) = ctl(&fx, &["fleet", "fail-running-runs", "--yes"]).await?;
+    ensure!(ok && out.contains("failed 0 running run(s)"), "{out} {err}");
+    fx.finish().await
+}

@@ -167,6 +167,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             "/governance/quota-overrides/{id}",
             post(admin::set_override_status),
         )
+        .route(
+            "/admin/fleet/fail-running-runs",
+            post(admin::fail_running_runs),
+        )
         .route("/auth/tokens", post(admin::create_token))
         .route("/auth/tokens/revoke", post(admin::revoke_token))
         .route("/auth/whoami", get(admin::whoami))

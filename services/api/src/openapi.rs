@@ -95,6 +95,7 @@ pub fn document() -> Value {
             "/automations/v2/runs/{run_id}/tasks/{node_id}/continue": {"post": op("Reset only the node and requeue", Some("Reason"), &[AUTH, NF, ("409", "AUTOMATION_V2_RUN_NOT_REQUEUEABLE")])},
             "/approvals/pending": {"get": op("Pending approvals (spec §4.7 shape): org_id, workspace_id, limit", None, &[AUTH])},
             "/audit/verify": {"get": op("Link and verify the audit hash chain", None, &[AUTH])},
+            "/admin/fleet/fail-running-runs": {"post": op("Whole-fleet stop: fail every running run (admin; body {\"confirm\": true})", None, &[AUTH])},
             "/governance/spend-caps": {
                 "get": op("Weekly spend caps of a tenant", None, &[AUTH]),
                 "post": op("Set a weekly spend cap (admin)", Some("SpendCap"), &[AUTH, BAD])

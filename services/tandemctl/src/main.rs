@@ -151,6 +151,17 @@ enum Audit {
 }
 
 #[derive(Debug, Subcommand)]
+enum Fleet {
+    /// Whole-fleet stop: fail every running run with upstream's shutdown strings (stop kind
+    /// `shutdown`) and cancel their tasks. Stopping one replica never does this.
+    FailRunningRuns {
+        /// Required: confirms that every running run of the fleet is to fail.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Events {
     /// Print gate and run events as they are published (live; Ctrl-C to stop).
     Tail {
@@ -216,6 +227,9 @@ enum Command {
     /// API tokens.
     #[command(subcommand)]
     Tokens(Tokens),
+    /// Whole-fleet operator actions.
+    #[command(subcommand)]
+    Fleet(Fleet),
     /// Run the whole fleet locally with a demo, until Ctrl-C (starts PostgreSQL and NATS when
     /// needed, installing them with apt-get when missing).
     Up(Box<up::UpArgs>),
@@ -448,6 +462,15 @@ async fn api_command(api: &http::Api, command: Command) -> anyhow::Result<ExitCo
         },
         Command::Audit(Audit::Verify) => {
             if !ops::audit_verify(api).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Fleet(Fleet::FailRunningRuns { yes }) => {
+            if !yes {
+                eprintln!("refusing without --yes: this fails every running run of the fleet");
+                return Ok(ExitCode::from(2));
+            }
+            if !ops::fleet_fail_running_runs(api).await? {
                 return Ok(ExitCode::FAILURE);
             }
         }

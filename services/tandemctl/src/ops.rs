@@ -350,6 +350,23 @@ pub async fn audit_verify(api: &Api) -> anyhow::Result<bool> {
     }
 }
 
+/// The explicit whole-fleet stop: fails every running run (admin token needed).
+pub async fn fleet_fail_running_runs(api: &Api) -> anyhow::Result<bool> {
+    let v = api
+        .ok(
+            "POST",
+            "/admin/fleet/fail-running-runs",
+            Some(&json!({"confirm": true})),
+        )
+        .await?;
+    let failed = v["failed"].as_array().map_or(0, Vec::len);
+    println!(
+        "failed {failed} running run(s); {} error(s)",
+        s(&v["errors"])
+    );
+    Ok(v["ok"] == true)
+}
+
 pub async fn token_create(
     api: &Api,
     name: &str,

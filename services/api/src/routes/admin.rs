@@ -329,3 +329,59 @@ pub async fn revoke_token(
         Err(ApiError::not_found("NOT_FOUND", "no such active token"))
     }
 }
+
+#[derive(Debug, Default, Deserialize)]
+pub struct FailRunningBody {
+    /// Must be `true`: the action fails every running run of the fleet.
+    #[serde(default)]
+    pub confirm: bool,
+}
+
+/// `POST /admin/fleet/fail-running-runs` (admin) `{confirm: true}`: the explicit whole-fleet stop
+/// (spec §3.12). Every `running` run fails with upstream's shutdown strings (stop kind
+/// `shutdown`), its events are relayed and its workers get cancel hints. Never run implicitly:
+/// one replica stopping fails nobody's run.
+pub async fn fail_running_runs(
+    State(state): State<AppState>,
+    principal: Principal,
+    JsonBody(body): JsonBody<FailRunningBody>,
+) -> Result<Json<Value>, ApiError> {
+    principal.require_admin()?;
+    if !body.confirm {
+        return Err(ApiError::validation(
+            "confirm",
+            "must be true: this fails every running run of the fleet",
+        ));
+    }
+    let report = tandem_sweeper::fail_running_runs_for_shutdown(
+        state.pool(),
+        &state.inner.store,
+        tandem_store::MAX_BATCH,
+    )
+    .await?;
+    if !report.runs_with_outbox.is_empty()
+        && let Err(e) = state.inner.relay.relay_runs(&report.runs_with_outbox).await
+    {
+        tracing::warn!(error = %e, "relaying shutdown events failed; the background relay will");
+        state.inner.relay.nudge();
+    }
+    let hints = tandem_sweeper::send_cancel_hints(
+        &state.inner.nats,
+        &state.inner.prefix,
+        &report.failed,
+        Some("fleet shutdown"),
+    )
+    .await;
+    tracing::warn!(
+        failed = report.failed.len(),
+        errors = report.errors,
+        "operator failed every running run (fleet shutdown)"
+    );
+    let failed: Vec<&str> = report.failed.iter().map(|(id, _)| id.as_str()).collect();
+    Ok(Json(json!({
+        "ok": report.errors == 0,
+        "failed": failed,
+        "errors": report.errors,
+        "cancel_hints": hints,
+    })))
+}
