@@ -103,7 +103,9 @@ pub struct ClaimItem<D> {
 /// The outcome of one [`claim_runs`] transaction.
 #[derive(Debug)]
 pub struct ClaimReport<D> {
-    /// `running` runs fleet-wide when the claim started (under the claim lock).
+    /// `running` runs fleet-wide when the claim started (under the claim lock), counted up to
+    /// the capacity: the count only needs to tell how much capacity is left, and stopping at the
+    /// cap keeps it O(cap) however many runs are running.
     pub running_before: i64,
     /// Queued runs examined, in claim order.
     pub items: Vec<ClaimItem<D>>,
@@ -230,13 +232,19 @@ struct ClaimStart {
     full_batch: bool,
 }
 
-async fn claim_start(tx: &Transaction<'_>, batch: usize) -> Result<ClaimStart, StoreError> {
+async fn claim_start(
+    tx: &Transaction<'_>,
+    batch: usize,
+    cap: u32,
+) -> Result<ClaimStart, StoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK_KEY])
         .await?;
     let count = tx
-        .prepare_cached("SELECT count(*) FROM runs WHERE status = 'running'")
+        .prepare_cached(
+            "SELECT count(*) FROM (SELECT 1 FROM runs WHERE status = 'running' LIMIT $1) r",
+        )
         .await?;
-    let running_before: i64 = tx.query_one(&count, &[]).await?.try_get(0)?;
+    let running_before: i64 = tx.query_one(&count, &[&i64::from(cap)]).await?.try_get(0)?;
     let select = tx.prepare_cached(CLAIM_CANDIDATES_SQL).await?;
     let batch_i64 = i64::try_from(batch).unwrap_or(1);
     let rows = tx.query(&select, &[&batch_i64]).await?;
@@ -406,7 +414,7 @@ where
         rows,
         mut held,
         full_batch,
-    } = claim_start(&tx, limits.batch).await?;
+    } = claim_start(&tx, limits.batch, limits.max_concurrent_runs).await?;
     let cap = i64::from(limits.max_concurrent_runs);
 
     // Decide who waits and who is claimed from the row alone (no parse for runs whose recorded
