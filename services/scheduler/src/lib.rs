@@ -134,7 +134,7 @@ pub enum ResultApplied {
 }
 
 /// Why a result message could not be handled at all.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ResultError {
     /// Not a task result (bad JSON, wrong schema, run id not matching the subject): dead-letter.
     #[error("malformed task result: {0}")]
@@ -153,15 +153,6 @@ impl ResultError {
             ResultError::Transient(e.to_string())
         } else {
             ResultError::Permanent(e.to_string())
-        }
-    }
-
-    /// The same error for another result of the same run.
-    fn same(&self) -> Self {
-        match self {
-            ResultError::Malformed(m) => ResultError::Malformed(m.clone()),
-            ResultError::Permanent(m) => ResultError::Permanent(m.clone()),
-            ResultError::Transient(m) => ResultError::Transient(m.clone()),
         }
     }
 }
@@ -702,7 +693,7 @@ impl Scheduler {
                 Err(e) => {
                     let e = ResultError::from_store(e);
                     for i in indices {
-                        outcomes[i] = Some(Err(e.same()));
+                        outcomes[i] = Some(Err(e.clone()));
                     }
                     continue;
                 }
@@ -820,7 +811,7 @@ impl Scheduler {
                         .into_iter()
                         .zip(outcomes.into_iter().map(|o| o.map(|_| ()))),
                 ),
-                Err(e) => settle.extend(valid.into_iter().map(|m| (m, Err(e.same())))),
+                Err(e) => settle.extend(valid.into_iter().map(|m| (m, Err(e.clone())))),
             }
         }
         futures::future::join_all(
