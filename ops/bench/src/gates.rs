@@ -99,7 +99,10 @@ async fn start_notifiers(db_url: &str, prefix: &str, n: usize) -> anyhow::Result
         p.wait_for_status(port, "/readyz", 200).await?;
         procs.push(p);
     }
-    Ok(Fleet { procs })
+    Ok(Fleet {
+        procs,
+        scheduler_ports: Vec::new(),
+    })
 }
 
 /// JetStream's stored timestamp (ms) of every `approval.gate.expired` event, by run id.

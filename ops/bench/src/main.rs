@@ -24,7 +24,7 @@ use tandem_core::{
     config::GatePolicyDefaults,
 };
 use tandem_store::StoreSettings;
-use tandem_tests::procs::{Proc, delete_streams, free_port};
+use tandem_tests::procs::{Proc, delete_streams, free_port, http_get};
 use tandem_tests::{TestDb, nats_url, unique};
 
 #[derive(Parser)]
@@ -50,6 +50,12 @@ enum Bench {
         /// Seconds of steady enqueueing.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Scheduler replica counts for the burn-down.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
+        replicas: Vec<usize>,
+        /// Figures to measure (all by default).
+        #[arg(long, value_delimiter = ',', value_enum)]
+        only: Vec<Figure>,
     },
     /// Gate-notifier actions/s (1 and 3 replicas), due → published latency, idle tick cost.
     Gates {
@@ -68,6 +74,31 @@ enum Bench {
     },
 }
 
+/// The scheduler bench's figures, for `--only`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Figure {
+    PgLimit,
+    BurnDown,
+    EndToEnd,
+    EnqueueToClaim,
+}
+
+/// What the scheduler bench measures.
+struct SchedulerBench {
+    runs: usize,
+    e2e_runs: usize,
+    rate: u64,
+    seconds: u64,
+    replicas: Vec<usize>,
+    only: Vec<Figure>,
+}
+
+impl SchedulerBench {
+    fn wants(&self, f: Figure) -> bool {
+        self.only.is_empty() || self.only.contains(&f)
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
@@ -76,7 +107,19 @@ async fn main() -> anyhow::Result<()> {
             e2e_runs,
             rate,
             seconds,
-        } => scheduler(runs, e2e_runs, rate, seconds).await,
+            replicas,
+            only,
+        } => {
+            scheduler(SchedulerBench {
+                runs,
+                e2e_runs,
+                rate,
+                seconds,
+                replicas,
+                only,
+            })
+            .await
+        }
         Bench::Gates {
             gates: n,
             rate,
@@ -147,8 +190,14 @@ fn peak_rss_mib(p: &Proc) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Scheduler counters the bench waits on.
+const CLAIMED: &str = "tandem_scheduler_claims_total{outcome=\"claimed\"}";
+const RESULTS_APPLIED: &str = "tandem_scheduler_results_applied_total";
+
 struct Fleet {
     procs: Vec<Proc>,
+    /// Health/metrics port of each scheduler replica.
+    scheduler_ports: Vec<u16>,
 }
 
 impl Fleet {
@@ -160,6 +209,7 @@ impl Fleet {
         capacity: u64,
     ) -> anyhow::Result<Self> {
         let mut procs = Vec::new();
+        let mut scheduler_ports = Vec::new();
         for (bin, n) in [("tandem-scheduler", schedulers), ("tandem-worker", workers)] {
             for _ in 0..n {
                 let port = free_port()?;
@@ -175,9 +225,52 @@ impl Fleet {
                 let mut p = Proc::start(bin, &[], &env)?;
                 p.wait_for_status(port, "/readyz", 200).await?;
                 procs.push(p);
+                if bin == "tandem-scheduler" {
+                    scheduler_ports.push(port);
+                }
             }
         }
-        Ok(Self { procs })
+        Ok(Self {
+            procs,
+            scheduler_ports,
+        })
+    }
+
+    /// A counter (its exposition line up to the value) summed over the replicas' `/metrics`.
+    async fn counter(&self, series: &str) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for port in &self.scheduler_ports {
+            let (_, body) = http_get(*port, "/metrics").await?;
+            total += body
+                .lines()
+                .find(|l| l.strip_prefix(series).is_some_and(|v| v.starts_with(' ')))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+        }
+        Ok(total)
+    }
+
+    /// Waits until the replicas' `series` counter reaches `target`; returns the elapsed time.
+    /// Reads the replicas' metrics, so the bench puts no load on the database while it waits.
+    async fn wait_counter(
+        &self,
+        series: &str,
+        target: u64,
+        limit: Duration,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let n = self.counter(series).await?;
+            if n >= target {
+                return Ok(started.elapsed());
+            }
+            ensure!(
+                started.elapsed() < limit,
+                "timed out: {series} at {n} of {target} after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn rss(&self) -> Value {
@@ -227,15 +320,27 @@ fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
     sorted.get(i).copied()
 }
 
-async fn scheduler(runs: usize, e2e_runs: usize, rate: u64, seconds: u64) -> anyhow::Result<()> {
+async fn scheduler(bench: SchedulerBench) -> anyhow::Result<()> {
+    let SchedulerBench {
+        runs,
+        e2e_runs,
+        rate,
+        seconds,
+        ..
+    } = bench;
     let limit = Duration::from_secs(600);
 
     // 1. Raw PostgreSQL limit, same machine, same run.
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/pg-limit");
-    for args in [
-        vec!["--seconds", "10"],
-        vec!["--seconds", "10", "--batch", "50", "--clients", "4"],
-    ] {
+    let pg_limit_args = if bench.wants(Figure::PgLimit) {
+        vec![
+            vec!["--seconds", "10"],
+            vec!["--seconds", "10", "--batch", "50", "--clients", "4"],
+        ]
+    } else {
+        Vec::new()
+    };
+    for args in pg_limit_args {
         let out = tokio::process::Command::new("bash")
             .arg(script)
             .args(&args)
@@ -251,20 +356,17 @@ async fn scheduler(runs: usize, e2e_runs: usize, rate: u64, seconds: u64) -> any
     }
 
     // 2. Burn-down with 1 and 2 replicas.
-    for replicas in [1usize, 2] {
+    let burn_down_replicas = if bench.wants(Figure::BurnDown) {
+        bench.replicas.clone()
+    } else {
+        Vec::new()
+    };
+    for replicas in burn_down_replicas {
         let (db, pool) = TestDb::migrated().await?;
         let prefix = unique("bench");
         enqueue_bulk(&pool, "burn", runs).await?;
         let fleet = Fleet::start(&db.url, &prefix, replicas, 0, 10_000_000).await?;
-        // Polls the shrinking queued set (partial index), not a scan of every run: the bench
-        // must not compete with the fleet for the database.
-        let took = wait_count(
-            &pool,
-            &format!("SELECT {runs} - count(*) FROM runs WHERE status = 'queued'"),
-            runs as i64,
-            limit,
-        )
-        .await?;
+        let took = fleet.wait_counter(CLAIMED, runs as u64, limit).await?;
         emit(json!({
             "bench": "burn_down",
             "scheduler_replicas": replicas,
@@ -280,18 +382,24 @@ async fn scheduler(runs: usize, e2e_runs: usize, rate: u64, seconds: u64) -> any
     }
 
     // 3. End to end with 2 workers.
-    {
+    if bench.wants(Figure::EndToEnd) {
         let (db, pool) = TestDb::migrated().await?;
         let prefix = unique("bench");
         enqueue_bulk(&pool, "e2e", e2e_runs).await?;
         let fleet = Fleet::start(&db.url, &prefix, 2, 2, 10_000_000).await?;
-        let took = wait_count(
+        let took = fleet
+            .wait_counter(RESULTS_APPLIED, e2e_runs as u64, limit)
+            .await?;
+        // One task per run: every applied result completed its run.
+        let completed = count(
             &pool,
             "SELECT count(*) FROM runs WHERE status = 'completed'",
-            e2e_runs as i64,
-            limit,
         )
         .await?;
+        ensure!(
+            completed == e2e_runs as i64,
+            "{completed} of {e2e_runs} runs completed after every result was applied"
+        );
         emit(json!({
             "bench": "end_to_end",
             "scheduler_replicas": 2,
@@ -308,7 +416,7 @@ async fn scheduler(runs: usize, e2e_runs: usize, rate: u64, seconds: u64) -> any
     }
 
     // 4. Enqueue → claimed latency at a steady rate (2 replicas, 2 workers so runs finish).
-    {
+    if bench.wants(Figure::EnqueueToClaim) {
         let (db, pool) = TestDb::migrated().await?;
         let prefix = unique("bench");
         let fleet = Fleet::start(&db.url, &prefix, 2, 2, 10_000_000).await?;
@@ -351,13 +459,7 @@ async fn scheduler(runs: usize, e2e_runs: usize, rate: u64, seconds: u64) -> any
             insert.await??;
         }
         let enqueue_s = started.elapsed().as_secs_f64();
-        wait_count(
-            &pool,
-            &format!("SELECT {total} - count(*) FROM runs WHERE status = 'queued'"),
-            total as i64,
-            limit,
-        )
-        .await?;
+        fleet.wait_counter(CLAIMED, total, limit).await?;
         let rows = pool
             .get()
             .await?
