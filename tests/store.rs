@@ -1853,3 +1853,133 @@ async fn transition_runs_locks_in_id_order_reports_unknown_runs_and_bumps_activi
     drop(pool);
     db.drop_db().await
 }
+
+// ---------------------------------------------------------------------------------------------
+// the running-count ledger (capacity)
+
+/// `running` runs by `count(*)`, and by the ledger's sum.
+async fn running_counts(pool: &Pool) -> anyhow::Result<(i64, i64)> {
+    let row = pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT (SELECT count(*) FROM runs WHERE status = 'running'),
+                    (SELECT coalesce(sum(delta), 0)::bigint FROM running_count_ledger)",
+            &[],
+        )
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+/// The claimer's fold of the ledger, under the claim lock as in a claim.
+async fn fold_running_count(pool: &Pool) -> anyhow::Result<i64> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&tandem_store::CLAIM_LOCK_KEY],
+    )
+    .await?;
+    let n: i64 = tx
+        .query_one(tandem_store::RUNNING_COUNT_SQL, &[])
+        .await?
+        .try_get(0)?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn running_count_ledger_matches_count_under_concurrent_writers_and_folds()
+-> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    let now = db_now(&pool).await?;
+    for i in 0..40 {
+        create(&pool, &queued_run(&format!("l{i:02}"), None, now + i)).await?;
+    }
+    // Every kind of write that enters or leaves `running`: set updates, an insert of a running
+    // row, a delete of one, and updates that do not touch `running` at all.
+    let client = pool.get().await?;
+    client
+        .batch_execute(
+            "UPDATE runs SET status = 'running' WHERE run_id < 'l10';
+             UPDATE runs SET status = 'completed' WHERE run_id IN ('l00', 'l01');
+             UPDATE runs SET status = 'failed' WHERE run_id = 'l30';
+             UPDATE runs SET activity_at_ms = activity_at_ms + 1 WHERE run_id < 'l10';
+             INSERT INTO runs (run_id, automation_id, org_id, workspace_id, status, lease_epoch,
+                               created_at_ms, updated_at_ms, activity_at_ms, doc)
+                  SELECT 'extra', automation_id, org_id, workspace_id, 'running', 1,
+                         created_at_ms, updated_at_ms, activity_at_ms, doc
+                    FROM runs WHERE run_id = 'l20';
+             DELETE FROM runs WHERE run_id = 'l02';",
+        )
+        .await?;
+    // l03..l09 and `extra` are running.
+    assert_eq!(running_counts(&pool).await?, (8, 8));
+    assert_eq!(fold_running_count(&pool).await?, 8);
+
+    // Writers flip statuses in their own transactions (some rolled back) while folds run.
+    let mut tasks = Vec::new();
+    for w in 0..6usize {
+        let pool = db.pool()?;
+        tasks.push(tokio::spawn(async move {
+            for k in 0..40usize {
+                let mut client = pool.get().await?;
+                let tx = client.transaction().await?;
+                let id = format!("l{:02}", 10 + (w * 7 + k * 3) % 30);
+                let status = ["running", "queued", "completed", "running"][k % 4];
+                tx.execute(
+                    "UPDATE runs SET status = $2 WHERE run_id = $1",
+                    &[&id, &status],
+                )
+                .await?;
+                if k % 5 == 0 {
+                    tx.rollback().await?;
+                } else {
+                    tx.commit().await?;
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let folder = {
+        let pool = db.pool()?;
+        tokio::spawn(async move {
+            for _ in 0..60 {
+                fold_running_count(&pool).await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    for t in tasks {
+        t.await??;
+    }
+    folder.await??;
+    let (counted, ledger) = running_counts(&pool).await?;
+    assert_eq!(ledger, counted, "the ledger's sum is the running count");
+    assert_eq!(fold_running_count(&pool).await?, counted);
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM running_count_ledger", &[])
+        .await?
+        .try_get(0)?;
+    assert_eq!(rows, 1, "a fold leaves one balance row");
+
+    // The claim reads the same count.
+    create(&pool, &queued_run("last", None, now + 100)).await?;
+    let limits = tandem_store::ClaimLimits {
+        max_concurrent_runs: 1_000,
+        batch: 8,
+    };
+    let report =
+        tandem_store::claim_runs(&pool, limits, &settings(), |_, _| Transition::unchanged(()))
+            .await?;
+    assert_eq!(report.running_before, counted);
+    let claimed = report.claimed() as i64;
+    assert!(claimed >= 1, "at least the new run was claimed");
+    assert_eq!(
+        running_counts(&pool).await?,
+        (counted + claimed, counted + claimed)
+    );
+    drop(client);
+    drop(pool);
+    db.drop_db().await
+}

@@ -190,9 +190,9 @@ fn peak_rss_mib(p: &Proc) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Scheduler counters the bench waits on.
-const CLAIMED: &str = "tandem_scheduler_claims_total{outcome=\"claimed\"}";
-const RESULTS_APPLIED: &str = "tandem_scheduler_results_applied_total";
+/// Scheduler counters the bench waits on: metric name and a label it must carry, if any.
+const CLAIMED: (&str, &str) = ("tandem_scheduler_claims_total", "outcome=\"claimed\"");
+const RESULTS_APPLIED: (&str, &str) = ("tandem_scheduler_results_applied_total", "");
 
 struct Fleet {
     procs: Vec<Proc>,
@@ -236,14 +236,17 @@ impl Fleet {
         })
     }
 
-    /// A counter (its exposition line up to the value) summed over the replicas' `/metrics`.
-    async fn counter(&self, series: &str) -> anyhow::Result<u64> {
+    /// A counter summed over the replicas' `/metrics`.
+    async fn counter(&self, (name, label): (&str, &str)) -> anyhow::Result<u64> {
         let mut total = 0;
         for port in &self.scheduler_ports {
             let (_, body) = http_get(*port, "/metrics").await?;
             total += body
                 .lines()
-                .find(|l| l.strip_prefix(series).is_some_and(|v| v.starts_with(' ')))
+                .find(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with(['{', ' ']) && rest.contains(label))
+                })
                 .and_then(|l| l.split_whitespace().last())
                 .and_then(|v| v.parse::<f64>().ok())
                 .unwrap_or(0.0) as u64;
@@ -255,7 +258,7 @@ impl Fleet {
     /// Reads the replicas' metrics, so the bench puts no load on the database while it waits.
     async fn wait_counter(
         &self,
-        series: &str,
+        series: (&str, &str),
         target: u64,
         limit: Duration,
     ) -> anyhow::Result<Duration> {
@@ -267,7 +270,8 @@ impl Fleet {
             }
             ensure!(
                 started.elapsed() < limit,
-                "timed out: {series} at {n} of {target} after {limit:?}"
+                "timed out: {} at {n} of {target} after {limit:?}",
+                series.0
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -4,9 +4,10 @@
 //! ([`CLAIM_LOCK_KEY`]) so that the capacity count and the workspace-lock check cannot be raced by
 //! another replica's claim:
 //!
-//! 1. `pg_advisory_xact_lock(CLAIM_LOCK_KEY)`; then `count(*)` of `running` runs (upstream counts
-//!    capacity on `running` only; `pausing` holds the workspace lock but not capacity). Free
-//!    capacity is `TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS − running`.
+//! 1. `pg_advisory_xact_lock(CLAIM_LOCK_KEY)`; then the number of `running` runs, read from a
+//!    trigger-maintained ledger in O(1) ([`RUNNING_COUNT_SQL`]; upstream counts capacity on
+//!    `running` only; `pausing` holds the workspace lock but not capacity). Free capacity is
+//!    `TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS − running`.
 //! 2. The oldest queued runs (`created_at_ms, run_id`, the `runs_queued_idx` order), `FOR UPDATE
 //!    SKIP LOCKED` so a run another writer holds (an operator cancelling it, say) is skipped, not
 //!    waited for.
@@ -57,6 +58,16 @@ pub const CLAIM_CANDIDATES_SQL: &str = "
      LIMIT $1
        FOR UPDATE OF r SKIP LOCKED";
 
+/// The fleet-wide `running` count from the ledger of deltas (migration V4), folding the
+/// committed deltas into one row as it reads them: O(deltas since the last pass), not
+/// O(running). Only the claimer folds, under the claim lock; deltas committed after this
+/// statement's snapshot stay for the next pass, so the sum is exactly what `count(*)` would see.
+pub const RUNNING_COUNT_SQL: &str = "
+    WITH folded AS (DELETE FROM running_count_ledger RETURNING delta),
+         balance AS (INSERT INTO running_count_ledger (delta)
+                     SELECT coalesce(sum(delta), 0) FROM folded)
+    SELECT coalesce(sum(delta), 0)::bigint FROM folded";
+
 /// Roots (of `$1`) held by a run that holds the workspace lock.
 const HELD_ROOTS_SQL: &str = "
     SELECT DISTINCT workspace_root FROM runs
@@ -103,9 +114,7 @@ pub struct ClaimItem<D> {
 /// The outcome of one [`claim_runs`] transaction.
 #[derive(Debug)]
 pub struct ClaimReport<D> {
-    /// `running` runs fleet-wide when the claim started (under the claim lock), counted up to
-    /// the capacity: the count only needs to tell how much capacity is left, and stopping at the
-    /// cap keeps it O(cap) however many runs are running.
+    /// `running` runs fleet-wide when the claim started (under the claim lock).
     pub running_before: i64,
     /// Queued runs examined, in claim order.
     pub items: Vec<ClaimItem<D>>,
@@ -232,19 +241,11 @@ struct ClaimStart {
     full_batch: bool,
 }
 
-async fn claim_start(
-    tx: &Transaction<'_>,
-    batch: usize,
-    cap: u32,
-) -> Result<ClaimStart, StoreError> {
+async fn claim_start(tx: &Transaction<'_>, batch: usize) -> Result<ClaimStart, StoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK_KEY])
         .await?;
-    let count = tx
-        .prepare_cached(
-            "SELECT count(*) FROM (SELECT 1 FROM runs WHERE status = 'running' LIMIT $1) r",
-        )
-        .await?;
-    let running_before: i64 = tx.query_one(&count, &[&i64::from(cap)]).await?.try_get(0)?;
+    let count = tx.prepare_cached(RUNNING_COUNT_SQL).await?;
+    let running_before: i64 = tx.query_one(&count, &[]).await?.try_get(0)?;
     let select = tx.prepare_cached(CLAIM_CANDIDATES_SQL).await?;
     let batch_i64 = i64::try_from(batch).unwrap_or(1);
     let rows = tx.query(&select, &[&batch_i64]).await?;
@@ -414,7 +415,7 @@ where
         rows,
         mut held,
         full_batch,
-    } = claim_start(&tx, limits.batch, limits.max_concurrent_runs).await?;
+    } = claim_start(&tx, limits.batch).await?;
     let cap = i64::from(limits.max_concurrent_runs);
 
     // Decide who waits and who is claimed from the row alone (no parse for runs whose recorded

@@ -30,7 +30,7 @@ pub use candidates::{
 };
 pub use claim::{
     CLAIM_CANDIDATES_SQL, CLAIM_LOCK_KEY, ClaimItem, ClaimItemOutcome, ClaimLimits, ClaimReport,
-    MAX_CLAIM_BATCH, claim_runs,
+    MAX_CLAIM_BATCH, RUNNING_COUNT_SQL, claim_runs,
 };
 pub use error::StoreError;
 pub use governance::{

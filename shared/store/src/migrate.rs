@@ -42,6 +42,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "api_tokens",
         sql: include_str!("../migrations/V3__api_tokens.sql"),
     },
+    Migration {
+        version: 4,
+        name: "running_count_ledger",
+        sql: include_str!("../migrations/V4__running_count_ledger.sql"),
+    },
 ];
 
 /// The schema version this build needs.
