@@ -2220,3 +2220,72 @@ async fn fleet_shutdown_action_fails_running_runs_only_when_confirmed_by_an_admi
     ensure!(ok && out.contains("failed 0 running run(s)"), "{out} {err}");
     fx.finish().await
 }
+
+#[tokio::test]
+async fn automation_pause_pauses_every_running_run_not_only_the_first_100() -> anyhow::Result<()> {
+    let fx = Fixture::start(1).await?;
+    create_automation(&fx, automation("auto-many", vec![node("a", &[])], None)).await?;
+    let (code, r) = fx
+        .admin("POST", "/automations/v2/auto-many/run_now", None)
+        .await?;
+    ensure!(code == 200, "run_now: {code} {r}");
+    let template = r["run"]["run_id"].as_str().context("run_id")?.to_owned();
+    // 250 running runs (claimed, nothing in flight) and 5 queued ones, copied from the template.
+    let client = fx.pool.get().await?;
+    client
+        .execute(
+            "INSERT INTO runs (run_id, automation_id, org_id, workspace_id, status, lease_epoch,
+                               created_at_ms, updated_at_ms, activity_at_ms, doc)
+             SELECT 'many-' || g, automation_id, org_id, workspace_id,
+                    CASE WHEN g <= 250 THEN 'running' ELSE 'queued' END,
+                    CASE WHEN g <= 250 THEN 1 ELSE 0 END,
+                    created_at_ms + g, updated_at_ms, activity_at_ms,
+                    doc || jsonb_build_object(
+                        'run_id', 'many-' || g,
+                        'created_at_ms', created_at_ms + g,
+                        'status', CASE WHEN g <= 250 THEN 'running' ELSE 'queued' END)
+               FROM runs, generate_series(1, 255) g
+              WHERE run_id = $1",
+            &[&template],
+        )
+        .await?;
+    let (code, ap) = fx
+        .admin(
+            "POST",
+            "/automations/v2/auto-many/pause",
+            Some(json!({"reason": "maintenance"})),
+        )
+        .await?;
+    ensure!(
+        code == 200 && ap["automation"]["status"] == "paused",
+        "{ap}"
+    );
+    let paused = strs(&ap["paused_run_ids"]);
+    ensure!(paused.len() == 250, "{} runs paused", paused.len());
+    let counts: Vec<(String, i64)> = client
+        .query(
+            "SELECT status, count(*) FROM runs WHERE run_id LIKE 'many-%' GROUP BY status
+              ORDER BY status",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // Upstream pauses running runs only: the queued ones (and the template) stay queued.
+    ensure!(
+        counts == vec![("paused".to_owned(), 250), ("queued".to_owned(), 5)],
+        "{counts:?}"
+    );
+    let reasons: i64 = client
+        .query_one(
+            "SELECT count(*) FROM runs WHERE run_id LIKE 'many-%'
+                AND doc->>'pause_reason' = 'maintenance'",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(reasons == 250, "{reasons} runs carry the pause reason");
+    drop(client);
+    fx.finish().await
+}

@@ -85,11 +85,22 @@ impl AppState {
     /// After a commit: publish the run's outbox rows now, then the wake-up hints. Failures are
     /// logged only: the background relay and the services' polling are the fallback.
     pub async fn after_commit(&self, run_id: &str, wake_scheduler: bool, wake_gates: bool) {
-        match self.inner.relay.relay_runs(&[run_id.to_owned()]).await {
+        self.after_commit_runs(&[run_id.to_owned()], wake_scheduler, wake_gates)
+            .await;
+    }
+
+    /// [`Self::after_commit`] for many runs: one relay pass, one wake-up of each kind.
+    pub async fn after_commit_runs(
+        &self,
+        run_ids: &[String],
+        wake_scheduler: bool,
+        wake_gates: bool,
+    ) {
+        match self.inner.relay.relay_runs(run_ids).await {
             Ok(r) if r.failed > 0 => self.inner.relay.nudge(),
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(run_id, error = %e, "relaying just-committed rows failed; the background relay will");
+                tracing::warn!(runs = run_ids.len(), error = %e, "relaying just-committed rows failed; the background relay will");
                 self.inner.relay.nudge();
             }
         }

@@ -10,7 +10,7 @@ use tandem_core::{
     AutomationRunStatus, AutomationStatus, AutomationV2RunRecord, AutomationV2Spec, Effects,
     ExecutionProfile, TenantContext,
 };
-use tandem_store::{Fence, StoreError};
+use tandem_store::StoreError;
 
 use super::{RunListQuery, page_limit, run_filter, run_page};
 use crate::{ApiError, AppState, JsonBody, Principal, check_id};
@@ -414,8 +414,12 @@ pub struct ReasonBody {
     pub reason: Option<String>,
 }
 
+/// Runs paused per transaction by the automation-level pause.
+const AUTOMATION_PAUSE_PAGE: usize = 200;
+
 /// `POST /automations/v2/{id}/pause`: the automation stops launching runs (status `paused`) and
-/// its running runs are paused (pausing while tasks are in flight), at most 100, as upstream.
+/// every one of its running runs is paused (pausing while tasks are in flight); upstream pauses
+/// only the first 100 it lists.
 pub async fn pause(
     State(state): State<AppState>,
     principal: Principal,
@@ -427,41 +431,57 @@ pub async fn pause(
     spec.status = AutomationStatus::Paused;
     spec.updated_at_ms = tandem_store::db_now_ms(state.pool()).await?;
     tandem_store::upsert_automation(state.pool(), &spec).await?;
-    let running = tandem_store::list_runs(
-        state.pool(),
-        &tandem_store::RunFilter {
-            automation_id: Some(id.clone()),
-            status: Some(AutomationRunStatus::Running),
-            ..Default::default()
-        },
-        100,
-    )
-    .await?;
+    // Every running run of the automation, a page at a time (upstream pauses only the first 100
+    // it lists). Each page is one transaction that waits for the rows' locks, so a run another
+    // writer holds is paused right after that writer commits, not skipped.
+    let mut filter = tandem_store::RunFilter {
+        automation_id: Some(id.clone()),
+        status: Some(AutomationRunStatus::Running),
+        ..Default::default()
+    };
     let mut paused = Vec::new();
-    for run in running {
-        let reason = body.reason.clone();
-        let applied = tandem_store::transition_run(
+    loop {
+        let page = tandem_store::list_runs(state.pool(), &filter, AUTOMATION_PAUSE_PAGE).await?;
+        let Some(last) = page.last() else { break };
+        filter.before = Some((last.created_at_ms, last.run_id.clone()));
+        let ids: Vec<String> = page.iter().map(|r| r.run_id.clone()).collect();
+        let items = tandem_store::transition_runs(
             state.pool(),
-            &run.run_id,
-            Fence::Unfenced,
+            &ids,
             &state.inner.store,
+            false,
             |r, env| {
-                tandem_core::execution::request_pause(
+                // Only runs still running: one that moved on since the listing is left alone.
+                if r.status != AutomationRunStatus::Running {
+                    return tandem_core::Transition::unchanged(());
+                }
+                let t = tandem_core::execution::request_pause(
                     r,
                     env.lease_epoch.0,
-                    reason.as_deref(),
+                    body.reason.as_deref(),
                     env.now_ms,
-                )
+                );
+                tandem_core::Transition {
+                    outcome: (),
+                    changed: t.changed,
+                    effects: t.effects,
+                }
             },
         )
-        .await;
-        match applied {
-            Ok(a) if a.changed => {
-                state.after_commit(&a.run.run_id, false, false).await;
-                paused.push(a.run.run_id);
+        .await?;
+        let first_new = paused.len();
+        for item in items {
+            match item.result {
+                Ok(a) if a.changed => paused.push(a.run.run_id),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(run_id = %item.run_id, error = %e, "pausing a run failed"),
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(run_id = %run.run_id, error = %e, "pausing a run failed"),
+        }
+        state
+            .after_commit_runs(&paused[first_new..], false, false)
+            .await;
+        if page.len() < AUTOMATION_PAUSE_PAGE {
+            break;
         }
     }
     Ok(Json(
