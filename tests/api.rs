@@ -184,14 +184,15 @@ impl Fixture {
         actor: &str,
         reviewer: bool,
     ) -> anyhow::Result<String> {
-        let (code, body) = self
-            .admin(
-                "POST",
-                "/auth/tokens",
-                Some(json!({"name": actor, "org_id": org, "workspace_id": ws,
-                            "principal_kind": kind, "actor_id": actor, "gate_reviewer": reviewer})),
-            )
-            .await?;
+        self.token_from(json!({"name": actor, "org_id": org, "workspace_id": ws,
+                               "principal_kind": kind, "actor_id": actor,
+                               "gate_reviewer": reviewer}))
+            .await
+    }
+
+    /// A token from a full `POST /auth/tokens` body.
+    async fn token_from(&self, request: Value) -> anyhow::Result<String> {
+        let (code, body) = self.admin("POST", "/auth/tokens", Some(request)).await?;
         ensure!(code == 200, "token: {code} {body}");
         Ok(body["token"].as_str().context("token")?.to_owned())
     }
@@ -1144,8 +1145,14 @@ async fn gate_authorization_cases_43_to_48_and_50() -> anyhow::Result<()> {
         code == 403 && body["code"] == "AUTOMATION_V2_GATE_REVIEWER_AUTHORITY_REQUIRED",
         "46: {code} {body}"
     );
-    // A verified reviewer without authority → denied.
-    let erin = fx.token("org-a", "ws-a", "human", "erin", false).await?;
+    // A verified reviewer without authority (a tenant admin, so step 4 passes) → denied.
+    let erin = fx
+        .token_from(
+            json!({"name": "erin", "org_id": "org-a", "workspace_id": "ws-a",
+                           "principal_kind": "human", "actor_id": "erin",
+                           "tenant_admin": true}),
+        )
+        .await?;
     let (code, body) = fx
         .as_token(
             &erin,
@@ -2286,6 +2293,88 @@ async fn automation_pause_pauses_every_running_run_not_only_the_first_100() -> a
         .await?
         .get(0);
     ensure!(reasons == 250, "{reasons} runs carry the pause reason");
+    drop(client);
+    fx.finish().await
+}
+
+#[tokio::test]
+async fn gate_decisions_need_the_automation_owner_or_an_admin() -> anyhow::Result<()> {
+    let fx = Fixture::start(1).await?;
+    let tenant = Some(("org-o", "ws-o"));
+    let mut body = automation(
+        "auto-owned",
+        vec![
+            node("draft", &[]),
+            gate_node("approval", &["draft"], &[], None),
+        ],
+        tenant,
+    );
+    body["creator_id"] = json!("Olivia");
+    let spec = create_automation(&fx, body).await?;
+    let token = |actor: &'static str, tenant_admin: bool| {
+        json!({"name": actor, "org_id": "org-o", "workspace_id": "ws-o",
+               "principal_kind": "human", "actor_id": actor, "tenant_admin": tenant_admin})
+    };
+    let approve = Some(json!({"decision": "approve"}));
+
+    // A human of the tenant who neither owns the automation nor administers the tenant: 403,
+    // and the gate stays open.
+    let run = awaiting_run(&fx.pool, &spec, &["draft"], "approval", 1_000, true).await?;
+    let mallory = fx.token_from(token("mallory", false)).await?;
+    let (code, resp) = fx
+        .as_token(&mallory, "POST", &gate_path(&run.run_id), approve.clone())
+        .await?;
+    ensure!(
+        code == 403 && resp["code"] == "AUTOMATION_V2_ACCESS_DENIED",
+        "{code} {resp}"
+    );
+    let stored = tandem_store::get_run(&fx.pool, &run.run_id).await?;
+    ensure!(stored.status == AutomationRunStatus::AwaitingApproval);
+    ensure!(stored.checkpoint.gate_history.is_empty());
+
+    // The owner (creator_id, compared case-insensitively) may decide.
+    let olivia = fx.token_from(token("olivia", false)).await?;
+    let (code, resp) = fx
+        .as_token(&olivia, "POST", &gate_path(&run.run_id), approve.clone())
+        .await?;
+    ensure!(
+        code == 200 && resp["run"]["status"] == "queued",
+        "{code} {resp}"
+    );
+
+    // So may a tenant admin.
+    let run = awaiting_run(&fx.pool, &spec, &["draft"], "approval", 1_000, true).await?;
+    let tara = fx.token_from(token("tara", true)).await?;
+    let (code, resp) = fx
+        .as_token(&tara, "POST", &gate_path(&run.run_id), approve.clone())
+        .await?;
+    ensure!(
+        code == 200 && resp["run"]["status"] == "queued",
+        "{code} {resp}"
+    );
+
+    // The automation cannot be resolved (deleted, and the run carries no snapshot): 404.
+    let run = awaiting_run(&fx.pool, &spec, &["draft"], "approval", 1_000, true).await?;
+    let client = fx.pool.get().await?;
+    client
+        .execute(
+            "UPDATE runs SET doc = doc - 'automation_snapshot' WHERE run_id = $1",
+            &[&run.run_id],
+        )
+        .await?;
+    client
+        .execute(
+            "DELETE FROM automations WHERE automation_id = 'auto-owned'",
+            &[],
+        )
+        .await?;
+    let (code, resp) = fx
+        .as_token(&olivia, "POST", &gate_path(&run.run_id), approve.clone())
+        .await?;
+    ensure!(
+        code == 404 && resp["code"] == "AUTOMATION_V2_NOT_FOUND",
+        "{code} {resp}"
+    );
     drop(client);
     fx.finish().await
 }

@@ -62,6 +62,8 @@ pub struct Principal {
     pub verified_tenant: bool,
     /// Verified reviewer authority for governed gates.
     pub gate_reviewer: bool,
+    /// A tenant-bound token that may act on every automation of its tenant.
+    pub tenant_admin: bool,
 }
 
 impl Principal {
@@ -90,6 +92,20 @@ impl Principal {
             (Some(o), Some(w)) => Some(TenantContext::explicit(o, w)),
             _ => None,
         }
+    }
+
+    /// Spec §4.2 step 4: the owner of the automation (its `creator_id`, compared
+    /// case-insensitively) or an admin may act on its gates. Admins are the admin token, dev
+    /// mode, a tenant-admin token, and a gate-reviewer token (reviewing other people's
+    /// automations is what it is for).
+    pub fn owns_or_administers(&self, automation: &tandem_core::AutomationV2Spec) -> bool {
+        self.admin
+            || self.tenant_admin
+            || self.gate_reviewer
+            || self.actor_id.as_deref().is_some_and(|a| {
+                let owner = automation.creator_id.trim();
+                !owner.is_empty() && a.trim().eq_ignore_ascii_case(owner)
+            })
     }
 
     pub fn require_admin(&self) -> Result<(), ApiError> {
@@ -191,6 +207,7 @@ pub async fn authenticate(headers: &HeaderMap, state: &AppState) -> Result<Princ
             workspace_id: None,
             verified_tenant: false,
             gate_reviewer: false,
+            tenant_admin: false,
         },
         None => {
             return Err(ApiError::unauthorized(
@@ -213,6 +230,7 @@ pub async fn authenticate(headers: &HeaderMap, state: &AppState) -> Result<Princ
                     workspace_id: None,
                     verified_tenant: false,
                     gate_reviewer: false,
+                    tenant_admin: false,
                 }
             } else {
                 let stored = tandem_store::find_api_token(&state.inner.pool, &hash)
@@ -227,6 +245,7 @@ pub async fn authenticate(headers: &HeaderMap, state: &AppState) -> Result<Princ
                     workspace_id: Some(stored.workspace_id),
                     verified_tenant: true,
                     gate_reviewer: stored.gate_reviewer,
+                    tenant_admin: stored.tenant_admin,
                 }
             }
         }

@@ -196,6 +196,9 @@ enum Tokens {
         /// Verified reviewer authority for governed gates.
         #[arg(long)]
         reviewer: bool,
+        /// May act on every automation of the tenant (not only those the actor created).
+        #[arg(long)]
+        tenant_admin: bool,
     },
 }
 
@@ -481,15 +484,19 @@ async fn api_command(api: &http::Api, command: Command) -> anyhow::Result<ExitCo
             kind,
             actor,
             reviewer,
+            tenant_admin,
         }) => {
             ops::token_create(
                 api,
-                &name,
-                &org,
-                &workspace,
-                &kind,
-                actor.as_deref(),
-                reviewer,
+                &ops::NewToken {
+                    name: &name,
+                    org: &org,
+                    workspace: &workspace,
+                    kind: &kind,
+                    actor: actor.as_deref(),
+                    reviewer,
+                    tenant_admin,
+                },
             )
             .await?
         }

@@ -367,17 +367,21 @@ pub async fn fleet_fail_running_runs(api: &Api) -> anyhow::Result<bool> {
     Ok(v["ok"] == true)
 }
 
-pub async fn token_create(
-    api: &Api,
-    name: &str,
-    org: &str,
-    workspace: &str,
-    kind: &str,
-    actor: Option<&str>,
-    reviewer: bool,
-) -> anyhow::Result<()> {
-    let body = json!({"name": name, "org_id": org, "workspace_id": workspace,
-                      "principal_kind": kind, "actor_id": actor, "gate_reviewer": reviewer});
+/// What `tokens create` asks for.
+pub struct NewToken<'a> {
+    pub name: &'a str,
+    pub org: &'a str,
+    pub workspace: &'a str,
+    pub kind: &'a str,
+    pub actor: Option<&'a str>,
+    pub reviewer: bool,
+    pub tenant_admin: bool,
+}
+
+pub async fn token_create(api: &Api, t: &NewToken<'_>) -> anyhow::Result<()> {
+    let body = json!({"name": t.name, "org_id": t.org, "workspace_id": t.workspace,
+                      "principal_kind": t.kind, "actor_id": t.actor,
+                      "gate_reviewer": t.reviewer, "tenant_admin": t.tenant_admin});
     let v = api.ok("POST", "/auth/tokens", Some(&body)).await?;
     println!("{}", s(&v["token"]));
     eprintln!("(shown once; only its hash is stored)");

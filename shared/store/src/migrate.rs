@@ -47,6 +47,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "running_count_ledger",
         sql: include_str!("../migrations/V4__running_count_ledger.sql"),
     },
+    Migration {
+        version: 5,
+        name: "api_token_tenant_admin",
+        sql: include_str!("../migrations/V5__api_token_tenant_admin.sql"),
+    },
 ];
 
 /// The schema version this build needs.

@@ -187,6 +187,8 @@ pub struct ApiToken {
     pub actor_id: Option<String>,
     /// Verified reviewer authority for governed gates.
     pub gate_reviewer: bool,
+    /// May act on every automation of its tenant, not only those its actor created.
+    pub tenant_admin: bool,
 }
 
 fn kind_from_str(s: &str) -> Result<ActorKind, StoreError> {
@@ -206,8 +208,8 @@ pub async fn insert_api_token(pool: &Pool, token: &ApiToken) -> Result<(), Store
     client
         .execute(
             "INSERT INTO api_tokens (token_hash, name, org_id, workspace_id, principal_kind,
-                                     actor_id, gate_reviewer)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                                     actor_id, gate_reviewer, tenant_admin)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             &[
                 &token.token_hash,
                 &token.name,
@@ -216,6 +218,7 @@ pub async fn insert_api_token(pool: &Pool, token: &ApiToken) -> Result<(), Store
                 &token.principal_kind.as_str(),
                 &token.actor_id,
                 &token.gate_reviewer,
+                &token.tenant_admin,
             ],
         )
         .await?;
@@ -227,7 +230,8 @@ pub async fn find_api_token(pool: &Pool, token_hash: &str) -> Result<Option<ApiT
     let client = pool.get().await?;
     let stmt = client
         .prepare_cached(
-            "SELECT token_hash, name, org_id, workspace_id, principal_kind, actor_id, gate_reviewer
+            "SELECT token_hash, name, org_id, workspace_id, principal_kind, actor_id, gate_reviewer,
+                    tenant_admin
                FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
         )
         .await?;
@@ -243,6 +247,7 @@ pub async fn find_api_token(pool: &Pool, token_hash: &str) -> Result<Option<ApiT
         principal_kind: kind_from_str(&kind)?,
         actor_id: row.try_get(5)?,
         gate_reviewer: row.try_get(6)?,
+        tenant_admin: row.try_get(7)?,
     }))
 }
 

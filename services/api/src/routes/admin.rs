@@ -237,6 +237,8 @@ pub struct TokenBody {
     pub actor_id: Option<String>,
     #[serde(default)]
     pub gate_reviewer: bool,
+    #[serde(default)]
+    pub tenant_admin: bool,
 }
 
 /// `POST /auth/tokens` (admin): creates a tenant-bound token; the token is in this answer only.
@@ -269,6 +271,7 @@ pub async fn create_token(
         principal_kind: body.principal_kind,
         actor_id: body.actor_id,
         gate_reviewer: body.gate_reviewer,
+        tenant_admin: body.tenant_admin,
     };
     tandem_store::insert_api_token(state.pool(), &stored).await?;
     Ok(Json(json!({
@@ -280,6 +283,7 @@ pub async fn create_token(
         "principal_kind": stored.principal_kind,
         "actor_id": stored.actor_id,
         "gate_reviewer": stored.gate_reviewer,
+        "tenant_admin": stored.tenant_admin,
     })))
 }
 
@@ -294,6 +298,7 @@ pub async fn whoami(principal: Principal) -> Json<Value> {
         "workspace_id": principal.workspace_id,
         "verified_tenant": principal.verified_tenant,
         "gate_reviewer": principal.gate_reviewer,
+        "tenant_admin": principal.tenant_admin,
     }))
 }
 

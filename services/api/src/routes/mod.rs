@@ -168,7 +168,28 @@ mod tests {
             workspace_id: None,
             verified_tenant: verified,
             gate_reviewer: reviewer,
+            tenant_admin: false,
         }
+    }
+
+    #[test]
+    fn owner_or_admin_rule() {
+        let mut spec: tandem_core::AutomationV2Spec = serde_json::from_value(json!({
+            "automation_id": "a", "creator_id": " Olivia ", "flow": {"nodes": []}}))
+        .expect("spec");
+        let human = |actor: &str| principal(ActorKind::Human, actor, true, false);
+        assert!(human("olivia").owns_or_administers(&spec));
+        assert!(!human("mallory").owns_or_administers(&spec));
+        assert!(principal(ActorKind::Human, "m", true, true).owns_or_administers(&spec));
+        let mut admin = human("mallory");
+        admin.tenant_admin = true;
+        assert!(admin.owns_or_administers(&spec));
+        // An automation without a creator is owned by nobody (an empty actor does not match).
+        spec.creator_id = String::new();
+        assert!(!human("").owns_or_administers(&spec));
+        let mut none = human("x");
+        none.actor_id = None;
+        assert!(!none.owns_or_administers(&spec));
     }
 
     #[test]
