@@ -15,7 +15,6 @@
 pub mod auth;
 pub mod error;
 pub mod openapi;
-pub mod operator;
 pub mod routes;
 
 use std::sync::Arc;

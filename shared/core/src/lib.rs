@@ -13,6 +13,7 @@ pub mod gate;
 pub mod governance;
 pub mod graph;
 pub mod model;
+pub mod operator;
 pub mod policy;
 pub mod protocol;
 pub mod sweeps;

@@ -398,11 +398,11 @@ pub async fn cancel(
 }
 
 fn operator_answer(
-    outcome: &crate::operator::OperatorOutcome,
+    outcome: &tandem_core::operator::OperatorOutcome,
     run: &AutomationV2RunRecord,
     node_id: Option<&str>,
 ) -> Result<(), ApiError> {
-    use crate::operator::OperatorOutcome as O;
+    use tandem_core::operator::OperatorOutcome as O;
     match outcome {
         O::Requeued { .. } => Ok(()),
         O::Refused { code, status } => Err(ApiError::conflict(
@@ -412,7 +412,7 @@ fn operator_answer(
         .with("runID", json!(run.run_id))
         .with("currentStatus", json!(status.as_str()))),
         O::NodeNotFound => Err(ApiError::not_found(
-            crate::operator::CODE_NODE_NOT_FOUND,
+            tandem_core::operator::CODE_NODE_NOT_FOUND,
             format!("node `{}` is not in the automation", node_id.unwrap_or("")),
         )),
     }
@@ -437,7 +437,7 @@ pub async fn recover(
                 .automation
                 .clone()
                 .ok_or_else(|| ApiError::automation_not_found(&r.automation_id))?;
-            Ok::<_, ApiError>(crate::operator::recover_run(
+            Ok::<_, ApiError>(tandem_core::operator::recover_run(
                 r,
                 &automation,
                 body.reason.as_deref(),
@@ -462,7 +462,7 @@ pub async fn task(
     let Path((run_id, node_id, action)) =
         params.map_err(|e| ApiError::bad_request("INVALID_PATH", e.body_text()))?;
     crate::check_id("node_id", &node_id)?;
-    let action = crate::operator::TaskAction::parse(&action).ok_or_else(|| {
+    let action = tandem_core::operator::TaskAction::parse(&action).ok_or_else(|| {
         ApiError::not_found(
             "NOT_FOUND",
             "task action must be retry, requeue or continue",
@@ -479,7 +479,7 @@ pub async fn task(
                 .automation
                 .clone()
                 .ok_or_else(|| ApiError::automation_not_found(&r.automation_id))?;
-            Ok::<_, ApiError>(crate::operator::task_action(
+            Ok::<_, ApiError>(tandem_core::operator::task_action(
                 r,
                 &automation,
                 &node_id,

@@ -1,8 +1,7 @@
 //! Operator repair actions as pure transitions (spec §2.2): `recover` and the task endpoints
-//! `retry`, `requeue`, `continue`. Call them inside `tandem_store::transition_run`.
-//!
-//! (They belong next to `request_pause`/`resume_run`/`cancel_run` in
-//! `tandem_core::execution`; they live here until the core owner moves them.)
+//! `retry`, `requeue`, `continue`; the other operator actions (`request_pause`, `resume_run`,
+//! `cancel_run`) are in [`crate::execution`]. Callers run them on the locked row (the API does so
+//! inside `tandem_store::transition_run`).
 //!
 //! Spec §2.2 names the statuses, the lifecycle events and what is cleared; the reset rules are
 //! ours, documented per action:
@@ -25,11 +24,11 @@
 
 use std::collections::BTreeSet;
 
-use serde_json::json;
-use tandem_core::{
+use crate::{
     AutomationRunStatus, AutomationV2RunRecord, AutomationV2Spec, Effects, Millis, Transition,
     update,
 };
+use serde_json::json;
 
 pub const CODE_NOT_RECOVERABLE: &str = "AUTOMATION_V2_RUN_NOT_RECOVERABLE";
 pub const CODE_NOT_REQUEUEABLE: &str = "AUTOMATION_V2_RUN_NOT_REQUEUEABLE";
@@ -131,7 +130,7 @@ fn requeue(
     row.resume_reason = reason.clone();
     row.clear_execution_handles();
     flow_order(automation, row);
-    tandem_core::gate::refresh_runtime_state(automation, row);
+    crate::gate::refresh_runtime_state(automation, row);
     fx.lifecycle(row, event, reason, None, Some(meta), now);
 }
 
@@ -223,7 +222,7 @@ pub fn task_action(
     let roots = vec![node_id.to_owned()];
     let nodes: BTreeSet<String> = match action {
         TaskAction::Continue => roots.iter().cloned().collect(),
-        TaskAction::Retry | TaskAction::Requeue => tandem_core::graph::subtree(automation, &roots),
+        TaskAction::Retry | TaskAction::Requeue => crate::graph::subtree(automation, &roots),
     };
     let reason = normalize(reason);
     update(run, now, |row, fx| {
@@ -248,7 +247,7 @@ pub fn task_action(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tandem_core::{AutomationFlowNode as N, ExecutionProfile};
+    use crate::{AutomationFlowNode as N, ExecutionProfile};
 
     fn spec() -> AutomationV2Spec {
         AutomationV2Spec::new(
