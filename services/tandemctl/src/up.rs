@@ -1,9 +1,10 @@
 //! `tandemctl up`: the whole fleet on this machine, in one command.
 //!
-//! 1. PostgreSQL and NATS: used as they are when they accept connections; otherwise
-//!    `ops/ensure-services.sh` (embedded here) starts them, installing them with apt-get when they
-//!    are missing; when that cannot work and a Docker engine is available, `docker compose up -d
-//!    postgres nats` is suggested.
+//! 1. PostgreSQL and NATS: used as they are when they accept connections; otherwise (`--deps
+//!    auto`) started with docker compose when a Docker engine answers (an embedded compose file,
+//!    project `tandem-up`, PostgreSQL on 127.0.0.1:55432), else by `ops/ensure-services.sh`
+//!    (embedded here), which starts the system's services and installs them with apt-get when
+//!    they are missing. `--deps system|docker` forces one way.
 //! 2. `migrate`.
 //! 3. The api, 2 schedulers, the sweeper, the gate-notifier and 2 workers, as child processes of
 //!    this command (logs in a temporary directory, printed at start).
@@ -55,6 +56,9 @@ pub struct UpArgs {
     /// Do not start or install PostgreSQL and NATS.
     #[arg(long = "no-ensure")]
     pub no_ensure: bool,
+    /// How to get PostgreSQL and NATS when they are not reachable.
+    #[arg(long, value_enum, default_value_t = Deps::Auto)]
+    pub deps: Deps,
     /// Directory of the service binaries (default: next to tandemctl).
     #[arg(long = "bin-dir")]
     pub bin_dir: Option<PathBuf>,
@@ -106,13 +110,143 @@ fn step(msg: &str) {
     eprintln!("==> {msg}");
 }
 
-async fn ensure_dependencies(db_url: &str, nats_url: &str) -> anyhow::Result<()> {
+/// How `up` gets PostgreSQL and NATS when they are not reachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Deps {
+    /// Docker compose when a Docker engine answers, else the system's packages.
+    Auto,
+    /// Start (and install with apt-get when missing) the system's PostgreSQL and NATS.
+    System,
+    /// `docker compose` with the embedded file below (project `tandem-up`).
+    Docker,
+}
+
+/// What [`ensure_dependencies`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DepsPlan {
+    UseAsTheyAre,
+    System,
+    Docker,
+}
+
+fn deps_plan(mode: Deps, reachable: bool, docker_engine: bool) -> DepsPlan {
+    match mode {
+        _ if reachable => DepsPlan::UseAsTheyAre,
+        Deps::System => DepsPlan::System,
+        Deps::Docker => DepsPlan::Docker,
+        Deps::Auto if docker_engine => DepsPlan::Docker,
+        Deps::Auto => DepsPlan::System,
+    }
+}
+
+/// PostgreSQL and NATS (JetStream) for `up --deps docker`, published on the loopback only.
+/// PostgreSQL's host port is not 5432 so it cannot collide with a system PostgreSQL.
+const COMPOSE_DEPS: &str = r#"name: tandem-up
+services:
+  postgres:
+    image: postgres:16
+    environment:
+      POSTGRES_USER: postgres
+      POSTGRES_PASSWORD: tandem
+      POSTGRES_DB: tandem
+    ports:
+      - "127.0.0.1:55432:5432"
+    volumes:
+      - pgdata:/var/lib/postgresql/data
+    healthcheck:
+      test: ["CMD-SHELL", "pg_isready -U postgres -d tandem"]
+      interval: 2s
+      timeout: 3s
+      retries: 30
+  nats:
+    image: nats:2.10-alpine
+    command: ["-js", "-sd", "/data", "-m", "8222"]
+    ports:
+      - "127.0.0.1:4222:4222"
+    volumes:
+      - natsdata:/data
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O", "-", "http://127.0.0.1:8222/healthz?js-enabled-only=true"]
+      interval: 2s
+      timeout: 3s
+      retries: 30
+volumes:
+  pgdata:
+  natsdata:
+"#;
+const COMPOSE_DB_URL: &str = "postgres://postgres:tandem@127.0.0.1:55432/tandem";
+const COMPOSE_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+async fn docker_engine_answers() -> bool {
+    let ok = |args: &'static [&'static str]| async move {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            Command::new("docker")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status(),
+        )
+        .await
+        .is_ok_and(|s| s.is_ok_and(|s| s.success()))
+    };
+    ok(&["info"]).await && ok(&["compose", "version"]).await
+}
+
+/// Makes PostgreSQL and NATS reachable; returns the URLs to use (the compose ones when it
+/// started them with Docker).
+async fn ensure_dependencies(
+    mode: Deps,
+    db_url: &str,
+    nats_url: &str,
+) -> anyhow::Result<(String, String)> {
     let pg = reachable(db_url, 5432).await;
     let nats = reachable(nats_url, 4222).await;
-    if pg && nats {
-        step("PostgreSQL and NATS are reachable");
-        return Ok(());
+    let docker = !(pg && nats) && mode != Deps::System && docker_engine_answers().await;
+    match deps_plan(mode, pg && nats, docker) {
+        DepsPlan::UseAsTheyAre => {
+            step("PostgreSQL and NATS are reachable");
+            Ok((db_url.to_owned(), nats_url.to_owned()))
+        }
+        DepsPlan::Docker => {
+            compose_up().await?;
+            Ok((COMPOSE_DB_URL.to_owned(), COMPOSE_NATS_URL.to_owned()))
+        }
+        DepsPlan::System => {
+            system_up(pg, nats).await?;
+            Ok((db_url.to_owned(), nats_url.to_owned()))
+        }
     }
+}
+
+async fn compose_up() -> anyhow::Result<()> {
+    step(
+        "starting PostgreSQL and NATS with docker compose (project tandem-up; images are pulled on first use)",
+    );
+    let file = std::env::temp_dir().join(format!("tandem-up-compose-{}.yml", std::process::id()));
+    std::fs::write(&file, COMPOSE_DEPS).context("writing the compose file")?;
+    let status = Command::new("docker")
+        .arg("compose")
+        .arg("-f")
+        .arg(&file)
+        .args(["up", "-d", "--wait", "postgres", "nats"])
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .context("running docker compose")?;
+    let _ = std::fs::remove_file(&file);
+    if !status.success() {
+        bail!(
+            "`docker compose up` failed ({status}); `--deps system` uses the system's packages instead"
+        );
+    }
+    step(
+        "PostgreSQL (127.0.0.1:55432) and NATS (127.0.0.1:4222) run in Docker; they keep running after `up` stops (`docker compose -p tandem-up down` removes them)",
+    );
+    Ok(())
+}
+
+async fn system_up(pg: bool, nats: bool) -> anyhow::Result<()> {
     step(&format!(
         "starting{}{} (installing with apt-get when missing; this can take a minute)",
         if pg { "" } else { " PostgreSQL" },
@@ -128,20 +262,10 @@ async fn ensure_dependencies(db_url: &str, nats_url: &str) -> anyhow::Result<()>
         .context("running bash")?;
     let _ = std::fs::remove_file(&script);
     if !status.success() {
-        let docker = Command::new("docker")
-            .args(["compose", "version"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .is_ok_and(|s| s.success());
-        let hint = if docker {
-            "\nA Docker engine is available: `docker compose up -d postgres nats` from the \
-             repository starts both (then set TANDEM_DATABASE_URL=postgres://postgres:tandem@127.0.0.1:5432/tandem)."
-        } else {
-            ""
-        };
-        bail!("could not start PostgreSQL and NATS ({status}).{hint}");
+        bail!(
+            "could not start PostgreSQL and NATS ({status}). With a Docker engine running, \
+             `tandemctl up --deps docker` starts both in containers."
+        );
     }
     Ok(())
 }
@@ -327,11 +451,15 @@ async fn stop_all(services: &mut Vec<Service>) -> bool {
 }
 
 /// Runs `tandemctl up`.
-pub async fn up(args: UpArgs, db_url: &str, token: Option<String>) -> anyhow::Result<bool> {
-    let nats_url = args.nats.nats_url.clone();
-    if !args.no_ensure {
-        ensure_dependencies(db_url, &nats_url).await?;
-    }
+pub async fn up(mut args: UpArgs, db_url: &str, token: Option<String>) -> anyhow::Result<bool> {
+    let (db_url, nats_url) = if args.no_ensure {
+        (db_url.to_owned(), args.nats.nats_url.clone())
+    } else {
+        ensure_dependencies(args.deps, db_url, &args.nats.nats_url).await?
+    };
+    let db_url = db_url.as_str();
+    // The demo's own NATS client follows wherever the services went.
+    args.nats.nats_url = nats_url.clone();
     step("migrating the database");
     crate::migrate(db_url, Duration::from_secs(60)).await?;
 
@@ -490,6 +618,48 @@ async fn run_demo(
                     last_trigger = Instant::now();
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deps_plan_prefers_what_runs_then_docker_then_the_system() {
+        use DepsPlan as P;
+        assert_eq!(deps_plan(Deps::Auto, true, true), P::UseAsTheyAre);
+        assert_eq!(deps_plan(Deps::Docker, true, false), P::UseAsTheyAre);
+        assert_eq!(deps_plan(Deps::Auto, false, true), P::Docker);
+        assert_eq!(deps_plan(Deps::Auto, false, false), P::System);
+        assert_eq!(deps_plan(Deps::System, false, true), P::System);
+        assert_eq!(deps_plan(Deps::Docker, false, false), P::Docker);
+    }
+
+    #[test]
+    fn compose_file_publishes_what_the_urls_say() {
+        let doc: serde_yaml::Value = serde_yaml::from_str(COMPOSE_DEPS).expect("yaml");
+        let ports = |svc: &str| {
+            doc["services"][svc]["ports"][0]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        assert_eq!(ports("postgres"), "127.0.0.1:55432:5432");
+        assert_eq!(ports("nats"), "127.0.0.1:4222:4222");
+        let password = doc["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
+            .as_str()
+            .unwrap_or("missing");
+        assert_eq!(
+            COMPOSE_DB_URL,
+            format!("postgres://postgres:{password}@127.0.0.1:55432/tandem")
+        );
+        assert_eq!(COMPOSE_NATS_URL, "nats://127.0.0.1:4222");
+        let nats_cmd = format!("{:?}", doc["services"]["nats"]["command"]);
+        assert!(nats_cmd.contains("-js"), "JetStream on: {nats_cmd}");
+        for svc in ["postgres", "nats"] {
+            assert!(doc["services"][svc]["healthcheck"].is_mapping(), "{svc}");
         }
     }
 }
