@@ -1,101 +1,64 @@
-//! A small HTTP/1.1 client for the Tandem API (plain `http://` only: put a TLS-terminating proxy
-//! or `kubectl port-forward` in front of a remote API).
+//! The Tandem API client of `tandemctl`: `http://` or `https://` (system trust roots), bearer
+//! token, JSON in and out.
 
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Where the API is and how to authenticate.
 #[derive(Debug, Clone)]
 pub struct Api {
-    host: String,
-    port: u16,
-    base_path: String,
+    base: String,
     token: Option<String>,
+    client: reqwest::Client,
 }
 
 impl Api {
     pub fn new(url: &str, token: Option<String>) -> anyhow::Result<Self> {
-        let rest = url
-            .strip_prefix("http://")
-            .with_context(|| format!("TANDEM_API_URL must start with http:// (got {url})"))?;
-        let (authority, path) = match rest.split_once('/') {
-            Some((a, p)) => (a, format!("/{}", p.trim_end_matches('/'))),
-            None => (rest, String::new()),
-        };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_owned(),
-                p.parse()
-                    .with_context(|| format!("bad port in TANDEM_API_URL {url}"))?,
-            ),
-            None => (authority.to_owned(), 80),
-        };
+        let parsed = reqwest::Url::parse(url)
+            .with_context(|| format!("TANDEM_API_URL is not a URL (got {url})"))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            bail!("TANDEM_API_URL must start with http:// or https:// (got {url})");
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?;
         Ok(Self {
-            host,
-            port,
-            base_path: if path == "/" { String::new() } else { path },
+            base: url.trim_end_matches('/').to_owned(),
             token: token.filter(|t| !t.trim().is_empty()),
+            client,
         })
     }
 
-    /// `(status, JSON body)`.
+    /// `(status, JSON body)`; a body that is not JSON comes back as a JSON string.
     pub async fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<(u16, Value)> {
-        let body = body.map(Value::to_string).unwrap_or_default();
-        let mut head = format!(
-            "{method} {}{path} HTTP/1.1\r\nHost: {}:{}\r\nConnection: close\r\nAccept: application/json\r\n",
-            self.base_path, self.host, self.port
-        );
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .with_context(|| format!("bad HTTP method {method}"))?;
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header(reqwest::header::ACCEPT, "application/json");
         if let Some(t) = &self.token {
-            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+            req = req.bearer_auth(t);
         }
-        if method != "GET" {
-            head.push_str("Content-Type: application/json\r\n");
-            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        if let Some(b) = body {
+            req = req.json(b);
         }
-        head.push_str("\r\n");
-        let io = async {
-            let mut s = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
-            s.write_all(head.as_bytes()).await?;
-            s.write_all(body.as_bytes()).await?;
-            let mut raw = Vec::new();
-            s.read_to_end(&mut raw).await?;
-            Ok::<_, std::io::Error>(raw)
-        };
-        let raw = tokio::time::timeout(Duration::from_secs(60), io)
+        let resp = req
+            .send()
             .await
-            .context("the API did not answer within 60 s")?
-            .with_context(|| {
-                format!(
-                    "cannot reach the API at {}:{} (TANDEM_API_URL)",
-                    self.host, self.port
-                )
-            })?;
-        let text = String::from_utf8_lossy(&raw);
-        let Some((headers, body)) = text.split_once("\r\n\r\n") else {
-            bail!("not an HTTP response from the API");
-        };
-        let status: u16 = headers
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("no HTTP status")?;
-        let body = if headers
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        };
-        let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+            .with_context(|| format!("cannot reach the API at {} (TANDEM_API_URL)", self.base))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.context("reading the API's answer")?;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, value))
     }
 
@@ -127,21 +90,6 @@ impl Api {
     }
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(len.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
 /// Percent-encodes a path segment or query value.
 pub fn enc(s: &str) -> String {
     let mut out = String::new();
@@ -153,4 +101,20 @@ pub fn enc(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_urls_are_http_or_https() {
+        assert!(Api::new("http://127.0.0.1:39731", None).is_ok());
+        let api = Api::new("https://tandem.example.com/api/", Some(" ".into())).expect("https");
+        assert_eq!(api.base, "https://tandem.example.com/api");
+        assert!(api.token.is_none(), "a blank token is no token");
+        for bad in ["ftp://host", "127.0.0.1:39731", "not a url"] {
+            assert!(Api::new(bad, None).is_err(), "{bad}");
+        }
+    }
 }

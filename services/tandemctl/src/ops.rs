@@ -79,7 +79,7 @@ pub fn read_specs(path: &Path) -> anyhow::Result<Vec<Value>> {
         Some("yaml" | "yml")
     );
     let doc: Value = if yaml {
-        serde_yaml::from_str(&text)
+        serde_yaml_ng::from_str(&text)
             .with_context(|| format!("{} is not valid YAML", path.display()))?
     } else {
         serde_json::from_str(&text)

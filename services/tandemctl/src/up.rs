@@ -639,7 +639,7 @@ mod tests {
 
     #[test]
     fn compose_file_publishes_what_the_urls_say() {
-        let doc: serde_yaml::Value = serde_yaml::from_str(COMPOSE_DEPS).expect("yaml");
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(COMPOSE_DEPS).expect("yaml");
         let ports = |svc: &str| {
             doc["services"][svc]["ports"][0]
                 .as_str()
