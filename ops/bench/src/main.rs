@@ -37,26 +37,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Bench {
     /// Scheduler claim burn-down, end-to-end runs/s, enqueue→claim latency, RSS, pg limit.
-    Scheduler {
-        /// Runs in each burn-down.
-        #[arg(long, default_value_t = 100_000)]
-        runs: usize,
-        /// Runs in the end-to-end measurement.
-        #[arg(long, default_value_t = 20_000)]
-        e2e_runs: usize,
-        /// Steady enqueue rate (runs/s) for the latency measurement.
-        #[arg(long, default_value_t = 1_000)]
-        rate: u64,
-        /// Seconds of steady enqueueing.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Scheduler replica counts for the burn-down.
-        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
-        replicas: Vec<usize>,
-        /// Figures to measure (all by default).
-        #[arg(long, value_delimiter = ',', value_enum)]
-        only: Vec<Figure>,
-    },
+    Scheduler(SchedulerBench),
     /// Gate-notifier actions/s (1 and 3 replicas), due → published latency, idle tick cost.
     Gates {
         /// Gates due at once in each throughput measurement.
@@ -84,12 +65,25 @@ enum Figure {
 }
 
 /// What the scheduler bench measures.
+#[derive(clap::Args)]
 struct SchedulerBench {
+    /// Runs in each burn-down.
+    #[arg(long, default_value_t = 100_000)]
     runs: usize,
+    /// Runs in the end-to-end measurement.
+    #[arg(long, default_value_t = 20_000)]
     e2e_runs: usize,
+    /// Steady enqueue rate (runs/s) for the latency measurement.
+    #[arg(long, default_value_t = 1_000)]
     rate: u64,
+    /// Seconds of steady enqueueing.
+    #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Scheduler replica counts for the burn-down.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
     replicas: Vec<usize>,
+    /// Figures to measure (all by default).
+    #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Figure>,
 }
 
@@ -102,24 +96,7 @@ impl SchedulerBench {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
-        Bench::Scheduler {
-            runs,
-            e2e_runs,
-            rate,
-            seconds,
-            replicas,
-            only,
-        } => {
-            scheduler(SchedulerBench {
-                runs,
-                e2e_runs,
-                rate,
-                seconds,
-                replicas,
-                only,
-            })
-            .await
-        }
+        Bench::Scheduler(bench) => scheduler(bench).await,
         Bench::Gates {
             gates: n,
             rate,

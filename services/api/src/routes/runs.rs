@@ -289,6 +289,37 @@ pub async fn gate(
     })))
 }
 
+/// Applies a status action (pause, resume) to the locked run: 409 with the action's code and
+/// the run's status when refused; after commit, relays the run's rows (and wakes the schedulers
+/// when the run went back to the queue).
+async fn status_action<T, F>(
+    state: &AppState,
+    principal: &Principal,
+    run_id: &str,
+    refused: &'static str,
+    wake_scheduler: bool,
+    error_code: fn(&T) -> Option<&'static str>,
+    f: F,
+) -> Result<Json<Value>, ApiError>
+where
+    F: FnMut(
+        &mut AutomationV2RunRecord,
+        &tandem_store::TransitionEnv,
+    ) -> tandem_core::Transition<T>,
+{
+    visible_run(state, principal, run_id).await?;
+    let applied =
+        tandem_store::transition_run(state.pool(), run_id, Fence::Unfenced, &state.inner.store, f)
+            .await?;
+    if let Some(code) = error_code(&applied.outcome) {
+        return Err(ApiError::conflict(code, refused)
+            .with("runID", json!(run_id))
+            .with("currentStatus", json!(applied.run.status.as_str())));
+    }
+    state.after_commit(run_id, wake_scheduler, false).await;
+    Ok(Json(json!({ "ok": true, "run": applied.run })))
+}
+
 /// `POST /automations/v2/runs/{run_id}/pause` `{reason?}`.
 pub async fn pause(
     State(state): State<AppState>,
@@ -297,12 +328,13 @@ pub async fn pause(
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> Result<Json<Value>, ApiError> {
     let run_id = path_id(run_id)?;
-    visible_run(&state, &principal, &run_id).await?;
-    let applied = tandem_store::transition_run(
-        state.pool(),
+    status_action(
+        &state,
+        &principal,
         &run_id,
-        Fence::Unfenced,
-        &state.inner.store,
+        "Run is not pausable",
+        false,
+        tandem_core::execution::PauseOutcome::error_code,
         |r, env| {
             tandem_core::execution::request_pause(
                 r,
@@ -312,14 +344,7 @@ pub async fn pause(
             )
         },
     )
-    .await?;
-    if let Some(code) = applied.outcome.error_code() {
-        return Err(ApiError::conflict(code, "Run is not pausable")
-            .with("runID", json!(run_id))
-            .with("currentStatus", json!(applied.run.status.as_str())));
-    }
-    state.after_commit(&run_id, false, false).await;
-    Ok(Json(json!({ "ok": true, "run": applied.run })))
+    .await
 }
 
 /// `POST /automations/v2/runs/{run_id}/resume` `{reason?}`: `paused` → `queued`.
@@ -330,22 +355,16 @@ pub async fn resume(
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> Result<Json<Value>, ApiError> {
     let run_id = path_id(run_id)?;
-    visible_run(&state, &principal, &run_id).await?;
-    let applied = tandem_store::transition_run(
-        state.pool(),
+    status_action(
+        &state,
+        &principal,
         &run_id,
-        Fence::Unfenced,
-        &state.inner.store,
+        "Run is not paused",
+        true,
+        tandem_core::execution::ResumeOutcome::error_code,
         |r, env| tandem_core::execution::resume_run(r, body.reason.as_deref(), env.now_ms),
     )
-    .await?;
-    if let Some(code) = applied.outcome.error_code() {
-        return Err(ApiError::conflict(code, "Run is not paused")
-            .with("runID", json!(run_id))
-            .with("currentStatus", json!(applied.run.status.as_str())));
-    }
-    state.after_commit(&run_id, true, false).await;
-    Ok(Json(json!({ "ok": true, "run": applied.run })))
+    .await
 }
 
 /// `POST /automations/v2/runs/{run_id}/cancel` `{reason?}`: any non-terminal run, and `blocked`,
@@ -418,6 +437,43 @@ fn operator_answer(
     }
 }
 
+/// Applies a repair action (recover, task retry/requeue/continue), which needs the run's
+/// automation, to the locked run; answers 409/404 as [`operator_answer`] says, and after commit
+/// relays the run's rows and wakes the schedulers (the run is queued again).
+async fn repair_action<F>(
+    state: &AppState,
+    principal: &Principal,
+    run_id: &str,
+    node_id: Option<&str>,
+    mut f: F,
+) -> Result<Json<Value>, ApiError>
+where
+    F: FnMut(
+        &mut AutomationV2RunRecord,
+        &AutomationV2Spec,
+        tandem_core::Millis,
+    ) -> tandem_core::Transition<tandem_core::operator::OperatorOutcome>,
+{
+    visible_run(state, principal, run_id).await?;
+    let applied = tandem_store::try_transition_run(
+        state.pool(),
+        run_id,
+        Fence::Unfenced,
+        &state.inner.store,
+        |r, env| {
+            let automation = env
+                .automation
+                .clone()
+                .ok_or_else(|| ApiError::automation_not_found(&r.automation_id))?;
+            Ok::<_, ApiError>(f(r, &automation, env.now_ms))
+        },
+    )
+    .await?;
+    operator_answer(&applied.outcome, &applied.run, node_id)?;
+    state.after_commit(run_id, true, false).await;
+    Ok(Json(json!({ "ok": true, "run": applied.run })))
+}
+
 /// `POST /automations/v2/runs/{run_id}/recover` `{reason?}`.
 pub async fn recover(
     State(state): State<AppState>,
@@ -426,29 +482,10 @@ pub async fn recover(
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> Result<Json<Value>, ApiError> {
     let run_id = path_id(run_id)?;
-    visible_run(&state, &principal, &run_id).await?;
-    let applied = tandem_store::try_transition_run(
-        state.pool(),
-        &run_id,
-        Fence::Unfenced,
-        &state.inner.store,
-        |r, env| {
-            let automation = env
-                .automation
-                .clone()
-                .ok_or_else(|| ApiError::automation_not_found(&r.automation_id))?;
-            Ok::<_, ApiError>(tandem_core::operator::recover_run(
-                r,
-                &automation,
-                body.reason.as_deref(),
-                env.now_ms,
-            ))
-        },
-    )
-    .await?;
-    operator_answer(&applied.outcome, &applied.run, None)?;
-    state.after_commit(&run_id, true, false).await;
-    Ok(Json(json!({ "ok": true, "run": applied.run })))
+    repair_action(&state, &principal, &run_id, None, |r, automation, now| {
+        tandem_core::operator::recover_run(r, automation, body.reason.as_deref(), now)
+    })
+    .await
 }
 
 /// `POST /automations/v2/runs/{run_id}/tasks/{node_id}/{action}` (`retry|requeue|continue`)
@@ -468,29 +505,21 @@ pub async fn task(
             "task action must be retry, requeue or continue",
         )
     })?;
-    visible_run(&state, &principal, &run_id).await?;
-    let applied = tandem_store::try_transition_run(
-        state.pool(),
+    repair_action(
+        &state,
+        &principal,
         &run_id,
-        Fence::Unfenced,
-        &state.inner.store,
-        |r, env| {
-            let automation = env
-                .automation
-                .clone()
-                .ok_or_else(|| ApiError::automation_not_found(&r.automation_id))?;
-            Ok::<_, ApiError>(tandem_core::operator::task_action(
+        Some(&node_id),
+        |r, automation, now| {
+            tandem_core::operator::task_action(
                 r,
-                &automation,
+                automation,
                 &node_id,
                 action,
                 body.reason.as_deref(),
-                env.now_ms,
-            ))
+                now,
+            )
         },
     )
-    .await?;
-    operator_answer(&applied.outcome, &applied.run, Some(&node_id))?;
-    state.after_commit(&run_id, true, false).await;
-    Ok(Json(json!({ "ok": true, "run": applied.run })))
+    .await
 }
