@@ -1864,7 +1864,8 @@ async fn running_counts(pool: &Pool) -> anyhow::Result<(i64, i64)> {
         .await?
         .query_one(
             "SELECT (SELECT count(*) FROM runs WHERE status = 'running'),
-                    (SELECT coalesce(sum(delta), 0)::bigint FROM running_count_ledger)",
+                    (SELECT coalesce(sum(delta), 0)::bigint FROM running_count_ledger
+                      WHERE reservation_id IS NULL)",
             &[],
         )
         .await?;
@@ -1979,6 +1980,59 @@ async fn running_count_ledger_matches_count_under_concurrent_writers_and_folds()
         running_counts(&pool).await?,
         (counted + claimed, counted + claimed)
     );
+    drop(client);
+    drop(pool);
+    db.drop_db().await
+}
+
+#[tokio::test]
+async fn capacity_reservations_count_against_the_cap_until_released_or_expired()
+-> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    let now = db_now(&pool).await?;
+    for i in 0..6 {
+        create(&pool, &queued_run(&format!("c{i}"), None, now + i)).await?;
+    }
+    let limits = tandem_store::ClaimLimits {
+        max_concurrent_runs: 3,
+        batch: 8,
+    };
+    let claim = || async {
+        tandem_store::claim_runs(&pool, limits, &settings(), |_, _| Transition::unchanged(())).await
+    };
+    // Another replica is mid-claim with 2 slots reserved: 1 slot is left.
+    let client = pool.get().await?;
+    client
+        .execute(
+            "INSERT INTO running_count_ledger (delta, reservation_id, reservation_expires_at)
+             VALUES (2, gen_random_uuid(), now() + interval '30 seconds')",
+            &[],
+        )
+        .await?;
+    let first = claim().await?;
+    assert_eq!(first.claimed(), 1, "reserved slots are not free");
+    // That replica died: its reservation expires and its slots come back.
+    client
+        .execute(
+            "UPDATE running_count_ledger SET reservation_expires_at = now() - interval '1 second'
+              WHERE reservation_id IS NOT NULL",
+            &[],
+        )
+        .await?;
+    let second = claim().await?;
+    assert_eq!(second.running_before, 1);
+    assert_eq!(second.claimed(), 2, "expired reservations free their slots");
+    let third = claim().await?;
+    assert_eq!(third.claimed(), 0, "the cap is reached");
+    let reservations: i64 = client
+        .query_one(
+            "SELECT count(*) FROM running_count_ledger WHERE reservation_id IS NOT NULL",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    assert_eq!(reservations, 0, "claims release their reservations");
+    assert_eq!(running_counts(&pool).await?, (3, 3));
     drop(client);
     drop(pool);
     db.drop_db().await

@@ -1,33 +1,39 @@
 //! The scheduler's batch claim (spec §3.4; DESIGN §4 guarantees 1 and 4).
 //!
-//! One transaction per batch, serialized fleet-wide on a transaction-scoped advisory lock
-//! ([`CLAIM_LOCK_KEY`]) so that the capacity count and the workspace-lock check cannot be raced by
-//! another replica's claim:
+//! Two transactions per batch. Only the first, a few statements long, is serialized fleet-wide
+//! (transaction-scoped advisory lock [`CLAIM_LOCK_KEY`]); the claim itself runs concurrently on
+//! every replica:
 //!
-//! 1. `pg_advisory_xact_lock(CLAIM_LOCK_KEY)`; then the number of `running` runs, read from a
-//!    trigger-maintained ledger in O(1) ([`RUNNING_COUNT_SQL`]; upstream counts capacity on
-//!    `running` only; `pausing` holds the workspace lock but not capacity). Free capacity is
-//!    `TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS − running`.
-//! 2. The oldest queued runs (`created_at_ms, run_id`, the `runs_queued_idx` order), `FOR UPDATE
-//!    SKIP LOCKED` so a run another writer holds (an operator cancelling it, say) is skipped, not
-//!    waited for.
+//! 1. **Reserve.** Under the lock: the number of `running` runs from a trigger-maintained ledger
+//!    in O(1), and the slots other claims hold reserved ([`RUNNING_COUNT_SQL`]; upstream counts
+//!    capacity on `running` only; `pausing` holds the workspace lock but not capacity). Free =
+//!    `TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS − running − reserved`; up to a batch of it is
+//!    reserved (a ledger row that expires after [`RESERVATION_SECS`]) and committed.
+//! 2. **Claim** (no fleet lock). The oldest queued runs (`created_at_ms, run_id`, the
+//!    `runs_queued_idx` order), `FOR UPDATE SKIP LOCKED`, so concurrent claims take disjoint
+//!    runs and a run another writer holds (an operator cancelling it, say) is skipped.
 //! 3. The workspace roots among them that a `running|pausing` run holds (one indexed probe of
 //!    `runs_workspace_lock_idx`).
 //! 4. Per candidate, in order, as upstream's admission does: a held root (or one claimed earlier in
-//!    this batch) → wait with `workspace_lock` and `resource_key` = the root; no capacity left →
-//!    wait with `capacity`; otherwise core [`claim_run`] on the locked row with a governance
-//!    snapshot read in this transaction (runtime-context failure, spend-pause launch hold, or
-//!    `queued → running` with `lease_epoch + 1`), and for a run that became running the caller's
-//!    dispatch transition (`dispatch_ready_nodes`) in the same transaction, fenced by the new epoch.
+//!    this batch) → wait with `workspace_lock` and `resource_key` = the root; no reserved slot
+//!    left → wait with `capacity`; otherwise core [`claim_run`] on the locked row with a
+//!    governance snapshot read in this transaction (runtime-context failure, spend-pause launch
+//!    hold, or `queued → running` with `lease_epoch + 1`), and for a run that became running the
+//!    caller's dispatch transition (`dispatch_ready_nodes`) in the same transaction, fenced by
+//!    the new epoch.
 //! 5. A waiting run's `scheduler.queue_reason`/`resource_key` is written only when it differs from
 //!    the stored one, so an idle fleet at capacity writes nothing.
+//! 6. The reservation is deleted in the same commit as the claims (whose +1 deltas the triggers
+//!    append), so another replica's reserve step never sees both or neither. A claim whose
+//!    reservation expired (and may have been handed out again) rolls back: the capacity is never
+//!    exceeded.
 //!
 //! The decisions are made in memory on the locked rows, and every changed run is written with one
 //! statement per table (`crate::write`), so a batch costs a fixed number of round trips. When
-//! that write fails (a corrupt row, a workspace-lock conflict from `runs_workspace_lock_idx`,
-//! which stays the backstop), the runs are written one by one under savepoints and only the
-//! failing run stays queued. The lock is held for one short transaction; a replica that finds
-//! nothing queued does not take it at all.
+//! that write fails (a corrupt row, or a workspace-lock conflict with a concurrent claim, which
+//! `runs_workspace_lock_idx` rejects: the index is the lock), the runs are written one by one
+//! under savepoints and only the failing run stays queued. A replica that finds nothing queued
+//! takes no lock at all.
 
 use std::collections::HashSet;
 
@@ -60,13 +66,24 @@ pub const CLAIM_CANDIDATES_SQL: &str = "
 
 /// The fleet-wide `running` count from the ledger of deltas (migration V4), folding the
 /// committed deltas into one row as it reads them: O(deltas since the last pass), not
-/// O(running). Only the claimer folds, under the claim lock; deltas committed after this
-/// statement's snapshot stay for the next pass, so the sum is exactly what `count(*)` would see.
+/// O(running), and the slots other claims have reserved and not yet used (migration V6),
+/// dropping expired reservations. Only the claimer folds, under the claim lock; deltas committed
+/// after this statement's snapshot stay for the next pass, so the sum is exactly what `count(*)`
+/// would see. Columns: running, reserved.
 pub const RUNNING_COUNT_SQL: &str = "
-    WITH folded AS (DELETE FROM running_count_ledger RETURNING delta),
+    WITH expired AS (DELETE FROM running_count_ledger
+                      WHERE reservation_id IS NOT NULL AND reservation_expires_at < now()),
+         folded AS (DELETE FROM running_count_ledger WHERE reservation_id IS NULL
+                    RETURNING delta),
          balance AS (INSERT INTO running_count_ledger (delta)
                      SELECT coalesce(sum(delta), 0) FROM folded)
-    SELECT coalesce(sum(delta), 0)::bigint FROM folded";
+    SELECT (SELECT coalesce(sum(delta), 0) FROM folded)::bigint,
+           (SELECT coalesce(sum(delta), 0) FROM running_count_ledger
+             WHERE reservation_id IS NOT NULL AND reservation_expires_at >= now())::bigint";
+
+/// How long a capacity reservation holds its slots. A claim transaction takes milliseconds; one
+/// that outlives its reservation rolls back instead of exceeding the capacity.
+pub const RESERVATION_SECS: i32 = 30;
 
 /// Roots (of `$1`) held by a run that holds the workspace lock.
 const HELD_ROOTS_SQL: &str = "
@@ -228,24 +245,90 @@ where
     if !any {
         return Ok(ClaimReport::default());
     }
+    let reservation = reserve_capacity(&mut client, batch, limits.max_concurrent_runs).await?;
     let limits = ClaimLimits { batch, ..limits };
-    claim_set(&mut client, limits, settings, &mut dispatch).await
+    let result = claim_set(&mut client, limits, &reservation, settings, &mut dispatch).await;
+    if let (Err(_), Some(id)) = (&result, reservation.id) {
+        // Give the slots back now rather than at expiry (best effort: on a broken connection
+        // the expiry does it).
+        let _ = client
+            .execute(
+                "DELETE FROM running_count_ledger WHERE reservation_id = $1",
+                &[&id],
+            )
+            .await;
+    }
+    result
 }
 
-/// The claim transaction's opening: the fleet-wide lock, `running` count, candidates (locked),
-/// and which of their workspace roots are held.
-struct ClaimStart {
+/// Slots a claim may fill, reserved fleet-wide.
+struct Reservation {
+    /// `running` runs when the reservation was taken.
     running_before: i64,
+    /// Slots reserved (0: none free; no reservation row).
+    slots: i64,
+    id: Option<uuid::Uuid>,
+}
+
+/// Reserves up to `batch` slots of free capacity in a short transaction under the claim lock
+/// (the only part of a claim that replicas serialize on). Not durable on purpose
+/// (`synchronous_commit = off`): a reservation lost in a crash only frees its slots.
+async fn reserve_capacity(
+    client: &mut Client,
+    batch: usize,
+    cap: u32,
+) -> Result<Reservation, StoreError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK_KEY])
+        .await?;
+    let count = tx.prepare_cached(RUNNING_COUNT_SQL).await?;
+    let row = tx.query_one(&count, &[]).await?;
+    let running_before: i64 = row.try_get(0)?;
+    let reserved: i64 = row.try_get(1)?;
+    let free = (i64::from(cap) - running_before - reserved).max(0);
+    let slots = free.min(i64::try_from(batch).unwrap_or(i64::MAX));
+    let id = if slots > 0 {
+        let id = uuid::Uuid::new_v4();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO running_count_ledger (delta, reservation_id, reservation_expires_at)
+                 VALUES ($1, $2, now() + make_interval(secs => $3))",
+            )
+            .await?;
+        tx.execute(&stmt, &[&slots, &id, &f64::from(RESERVATION_SECS)])
+            .await?;
+        Some(id)
+    } else {
+        None
+    };
+    tx.commit().await?;
+    Ok(Reservation {
+        running_before,
+        slots,
+        id,
+    })
+}
+
+/// Gives the reservation back inside the claim transaction, in the same commit as the claims
+/// it covered. `false`: it expired and was dropped, so the claims must not commit.
+async fn release_reservation(tx: &Transaction<'_>, id: uuid::Uuid) -> Result<bool, StoreError> {
+    let stmt = tx
+        .prepare_cached("DELETE FROM running_count_ledger WHERE reservation_id = $1")
+        .await?;
+    Ok(tx.execute(&stmt, &[&id]).await? == 1)
+}
+
+/// The claim transaction's opening: candidates (locked) and which of their workspace roots are
+/// held.
+struct ClaimStart {
     rows: Vec<Row>,
     held: HashSet<String>,
     full_batch: bool,
 }
 
 async fn claim_start(tx: &Transaction<'_>, batch: usize) -> Result<ClaimStart, StoreError> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK_KEY])
-        .await?;
-    let count = tx.prepare_cached(RUNNING_COUNT_SQL).await?;
-    let running_before: i64 = tx.query_one(&count, &[]).await?.try_get(0)?;
     let select = tx.prepare_cached(CLAIM_CANDIDATES_SQL).await?;
     let batch_i64 = i64::try_from(batch).unwrap_or(1);
     let rows = tx.query(&select, &[&batch_i64]).await?;
@@ -265,7 +348,6 @@ async fn claim_start(tx: &Transaction<'_>, batch: usize) -> Result<ClaimStart, S
         }
     }
     Ok(ClaimStart {
-        running_before,
         rows,
         held,
         full_batch,
@@ -403,20 +485,20 @@ enum Plan<D> {
 async fn claim_set<D, F>(
     client: &mut Client,
     limits: ClaimLimits,
+    reservation: &Reservation,
     settings: &StoreSettings,
     dispatch: &mut F,
 ) -> Result<ClaimReport<D>, StoreError>
 where
     F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<D>,
 {
+    let running_before = reservation.running_before;
     let mut tx = client.transaction().await?;
     let ClaimStart {
-        running_before,
         rows,
         mut held,
         full_batch,
     } = claim_start(&tx, limits.batch).await?;
-    let cap = i64::from(limits.max_concurrent_runs);
 
     // Decide who waits and who is claimed from the row alone (no parse for runs whose recorded
     // wait reason is already right), then load what the rest need in three set queries.
@@ -426,7 +508,7 @@ where
     }
     // Phase one admits provisionally: a provisional admission that settles otherwise (a launch
     // hold, say) can only make a later run wait one pass longer under its recorded reason.
-    let mut provisional_free = (cap - running_before).max(0);
+    let mut provisional_free = reservation.slots;
     let mut provisional_held = held.clone();
     let mut items: Vec<Option<ClaimItem<D>>> = Vec::with_capacity(rows.len());
     let mut candidates: Vec<(usize, Candidate)> = Vec::new();
@@ -463,7 +545,7 @@ where
         candidates.push((items.len() - 1, Candidate { locked, root }));
     }
     if candidates.is_empty() {
-        tx.rollback().await?;
+        finish_claim(tx, reservation, false).await?;
         return Ok(ClaimReport {
             running_before,
             items: items.into_iter().flatten().collect(),
@@ -481,7 +563,7 @@ where
     }
     let loaded = load_envs(&tx, locked, &settings.with_governance()).await?;
     // Decide, in candidate order, with the same admission rules as the run-by-run path.
-    let mut free = (cap - running_before).max(0);
+    let mut free = reservation.slots;
     let mut plans: Vec<(usize, Planned<D>)> = Vec::with_capacity(loaded.len());
     let mut changed: Vec<Changed<Plan<D>>> = Vec::new();
     for ((slot, root), LoadedRun { run_id, loaded }) in slots.into_iter().zip(roots).zip(loaded) {
@@ -608,16 +690,40 @@ where
             *s = Some(item);
         }
     }
-    if any_changed {
-        tx.commit().await?;
-    } else {
-        tx.rollback().await?;
-    }
+    finish_claim(tx, reservation, any_changed).await?;
     Ok(ClaimReport {
         running_before,
         items: items.into_iter().flatten().collect(),
         full_batch,
     })
+}
+
+/// Commits the claim with its reservation released in the same commit; rolls the claims back
+/// when the reservation expired meanwhile (its slots may have gone to another claim).
+async fn finish_claim(
+    tx: Transaction<'_>,
+    reservation: &Reservation,
+    any_changed: bool,
+) -> Result<(), StoreError> {
+    let released = match reservation.id {
+        Some(id) => {
+            if !release_reservation(&tx, id).await? {
+                tx.rollback().await?;
+                return Err(StoreError::Invalid(format!(
+                    "the claim outlived its capacity reservation ({RESERVATION_SECS} s); \
+                     nothing was claimed"
+                )));
+            }
+            true
+        }
+        None => false,
+    };
+    if any_changed || released {
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

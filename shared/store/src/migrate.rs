@@ -52,6 +52,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "api_token_tenant_admin",
         sql: include_str!("../migrations/V5__api_token_tenant_admin.sql"),
     },
+    Migration {
+        version: 6,
+        name: "capacity_reservations",
+        sql: include_str!("../migrations/V6__capacity_reservations.sql"),
+    },
 ];
 
 /// The schema version this build needs.
