@@ -267,6 +267,16 @@ impl Fleet {
         for mut p in self.procs {
             p.sigterm()?;
             p.wait(Duration::from_secs(30)).await?;
+            // Warnings and errors of the services (they run with RUST_LOG=warn), so a figure
+            // never hides a failing fleet.
+            let log = p.stderr();
+            if !log.trim().is_empty() {
+                eprintln!("--- {} stderr (last 20 lines) ---", p.name);
+                let lines: Vec<&str> = log.lines().collect();
+                for l in &lines[lines.len().saturating_sub(20)..] {
+                    eprintln!("{l}");
+                }
+            }
         }
         Ok(())
     }
