@@ -1886,10 +1886,13 @@ async fn tandemctl_commands_over_the_api() -> anyhow::Result<()> {
             "o",
             "--workspace",
             "w",
+            "--tenant-admin",
         ],
     )
     .await?;
     ensure!(ok && out.trim().starts_with("tdm_"), "{out}");
+    let (_, who) = fx.as_token(out.trim(), "GET", "/auth/whoami", None).await?;
+    ensure!(who["tenant_admin"] == true, "{who}");
     let _ = std::fs::remove_dir_all(&dir);
     fx.finish().await
 }

@@ -88,7 +88,7 @@ pub struct ClaimSummary {
     pub tasks_dispatched: usize,
     /// The candidate select was full: more queued runs may be claimable right away.
     pub full_batch: bool,
-    /// `running` runs fleet-wide when the pass started, counted up to the capacity.
+    /// `running` runs fleet-wide when the pass started.
     pub running_before: i64,
 }
 

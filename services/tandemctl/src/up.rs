@@ -219,22 +219,48 @@ async fn ensure_dependencies(
     }
 }
 
+/// Stands for the embedded file's path in [`run_embedded`]'s arguments.
+const FILE: &str = "{file}";
+
+/// Writes an embedded file to a temporary path, runs `program` with `args` ([`FILE`] replaced by
+/// that path), and removes the file.
+async fn run_embedded(
+    name: &str,
+    contents: &str,
+    program: &str,
+    args: &[&str],
+) -> anyhow::Result<std::process::ExitStatus> {
+    let path = std::env::temp_dir().join(format!("tandem-up-{}-{name}", std::process::id()));
+    std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+    let status = Command::new(program)
+        .args(args.iter().map(|a| {
+            if *a == FILE {
+                path.as_os_str().to_owned()
+            } else {
+                (*a).into()
+            }
+        }))
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .with_context(|| format!("running {program}"));
+    let _ = std::fs::remove_file(&path);
+    status
+}
+
 async fn compose_up() -> anyhow::Result<()> {
     step(
         "starting PostgreSQL and NATS with docker compose (project tandem-up; images are pulled on first use)",
     );
-    let file = std::env::temp_dir().join(format!("tandem-up-compose-{}.yml", std::process::id()));
-    std::fs::write(&file, COMPOSE_DEPS).context("writing the compose file")?;
-    let status = Command::new("docker")
-        .arg("compose")
-        .arg("-f")
-        .arg(&file)
-        .args(["up", "-d", "--wait", "postgres", "nats"])
-        .stdin(Stdio::null())
-        .status()
-        .await
-        .context("running docker compose")?;
-    let _ = std::fs::remove_file(&file);
+    let status = run_embedded(
+        "compose.yml",
+        COMPOSE_DEPS,
+        "docker",
+        &[
+            "compose", "-f", FILE, "up", "-d", "--wait", "postgres", "nats",
+        ],
+    )
+    .await?;
     if !status.success() {
         bail!(
             "`docker compose up` failed ({status}); `--deps system` uses the system's packages instead"
@@ -252,15 +278,7 @@ async fn system_up(pg: bool, nats: bool) -> anyhow::Result<()> {
         if pg { "" } else { " PostgreSQL" },
         if nats { "" } else { " NATS" }
     ));
-    let script = std::env::temp_dir().join(format!("tandem-ensure-{}.sh", std::process::id()));
-    std::fs::write(&script, ENSURE_SERVICES).context("writing the ensure-services script")?;
-    let status = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .status()
-        .await
-        .context("running bash")?;
-    let _ = std::fs::remove_file(&script);
+    let status = run_embedded("ensure-services.sh", ENSURE_SERVICES, "bash", &[FILE]).await?;
     if !status.success() {
         bail!(
             "could not start PostgreSQL and NATS ({status}). With a Docker engine running, \

@@ -85,6 +85,9 @@ pub const RUNNING_COUNT_SQL: &str = "
 /// that outlives its reservation rolls back instead of exceeding the capacity.
 pub const RESERVATION_SECS: i32 = 30;
 
+/// Gives a capacity reservation back (`$1` = its id).
+const RELEASE_RESERVATION_SQL: &str = "DELETE FROM running_count_ledger WHERE reservation_id = $1";
+
 /// Roots (of `$1`) held by a run that holds the workspace lock.
 const HELD_ROOTS_SQL: &str = "
     SELECT DISTINCT workspace_root FROM runs
@@ -251,12 +254,7 @@ where
     if let (Err(_), Some(id)) = (&result, reservation.id) {
         // Give the slots back now rather than at expiry (best effort: on a broken connection
         // the expiry does it).
-        let _ = client
-            .execute(
-                "DELETE FROM running_count_ledger WHERE reservation_id = $1",
-                &[&id],
-            )
-            .await;
+        let _ = client.execute(RELEASE_RESERVATION_SQL, &[&id]).await;
     }
     result
 }
@@ -314,9 +312,7 @@ async fn reserve_capacity(
 /// Gives the reservation back inside the claim transaction, in the same commit as the claims
 /// it covered. `false`: it expired and was dropped, so the claims must not commit.
 async fn release_reservation(tx: &Transaction<'_>, id: uuid::Uuid) -> Result<bool, StoreError> {
-    let stmt = tx
-        .prepare_cached("DELETE FROM running_count_ledger WHERE reservation_id = $1")
-        .await?;
+    let stmt = tx.prepare_cached(RELEASE_RESERVATION_SQL).await?;
     Ok(tx.execute(&stmt, &[&id]).await? == 1)
 }
 

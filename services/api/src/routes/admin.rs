@@ -364,12 +364,9 @@ pub async fn fail_running_runs(
         tandem_store::MAX_BATCH,
     )
     .await?;
-    if !report.runs_with_outbox.is_empty()
-        && let Err(e) = state.inner.relay.relay_runs(&report.runs_with_outbox).await
-    {
-        tracing::warn!(error = %e, "relaying shutdown events failed; the background relay will");
-        state.inner.relay.nudge();
-    }
+    state
+        .after_commit_runs(&report.runs_with_outbox, false, false)
+        .await;
     let hints = tandem_sweeper::send_cancel_hints(
         &state.inner.nats,
         &state.inner.prefix,

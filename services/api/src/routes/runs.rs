@@ -217,24 +217,6 @@ pub async fn gate(
             "Approval gate decisions require a verified human approver",
         ));
     }
-    // Step 4: the owner or an admin of the run's automation (live definition, else the run's
-    // snapshot).
-    let access = match tandem_store::get_automation(state.pool(), &run.automation_id).await {
-        Ok(a) => Some(a),
-        Err(tandem_store::StoreError::NotFound(_)) => run.automation_snapshot.clone(),
-        Err(e) => return Err(e.into()),
-    };
-    let Some(access) = access else {
-        return Err(ApiError::automation_not_found(&run.automation_id));
-    };
-    if !principal.owns_or_administers(&access) {
-        metrics::counter!("tandem_api_gate_decisions_total", "result" => "access_denied")
-            .increment(1);
-        return Err(ApiError::forbidden(
-            "AUTOMATION_V2_ACCESS_DENIED",
-            "only the automation's owner or an admin may decide its gates",
-        ));
-    }
     let mut request = GateDecisionRequest::new(body.decision.as_deref().unwrap_or(""), decider);
     request.reason = body.reason;
     if let Some(node) = &body.node_id {
@@ -249,10 +231,20 @@ pub async fn gate(
         Fence::Unfenced,
         &state.inner.store,
         |run, env| {
+            // The transition's automation is the live definition, else the run's snapshot.
             let automation = env
                 .automation
                 .clone()
                 .ok_or_else(|| ApiError::automation_not_found(&run.automation_id))?;
+            // Step 4, before the status check: the owner or an admin of the automation.
+            if !principal.owns_or_administers(&automation) {
+                metrics::counter!("tandem_api_gate_decisions_total", "result" => "access_denied")
+                    .increment(1);
+                return Err(ApiError::forbidden(
+                    "AUTOMATION_V2_ACCESS_DENIED",
+                    "only the automation's owner or an admin may decide its gates",
+                ));
+            }
             let snapshot = run.clone();
             Ok::<_, ApiError>(tandem_core::gate::decide_gate_with(
                 run,
