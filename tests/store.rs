@@ -792,6 +792,15 @@ async fn failed_transitions_roll_back_everything() -> anyhow::Result<()> {
     db.drop_db().await
 }
 
+async fn lifecycle_count(c: &tokio_postgres::Client, run_id: &str) -> anyhow::Result<i64> {
+    Ok(c.query_one(
+        "SELECT count(*) FROM run_lifecycle WHERE run_id = $1",
+        &[&run_id],
+    )
+    .await?
+    .get(0))
+}
+
 #[tokio::test]
 async fn run_lifecycle_is_append_only() -> anyhow::Result<()> {
     let (db, pool) = TestDb::migrated().await?;
@@ -804,6 +813,13 @@ async fn run_lifecycle_is_append_only() -> anyhow::Result<()> {
         .err()
         .context("lifecycle update accepted")?;
     assert!(err.to_string().contains("append-only") || format!("{err:?}").contains("append-only"));
+
+    // Deleting a run (an operator's SQL; the engine never does) deletes its records with it.
+    let run_id = full_run(now).run_id;
+    assert!(lifecycle_count(&c, &run_id).await? > 0, "the run has lifecycle records");
+    c.execute("DELETE FROM runs WHERE run_id = $1", &[&run_id])
+        .await?;
+    assert_eq!(lifecycle_count(&c, &run_id).await?, 0, "its records went with it");
     drop(c);
     drop(pool);
     db.drop_db().await

@@ -213,9 +213,9 @@ impl Fleet {
         })
     }
 
-    /// A counter summed over the replicas' `/metrics`.
-    async fn counter(&self, (name, label): (&str, &str)) -> anyhow::Result<u64> {
-        let mut total = 0;
+    /// A series summed over the replicas' `/metrics`.
+    async fn sum(&self, (name, label): (&str, &str)) -> anyhow::Result<f64> {
+        let mut total = 0.0;
         for port in &self.scheduler_ports {
             let (_, body) = http_get(*port, "/metrics").await?;
             total += body
@@ -226,9 +226,21 @@ impl Fleet {
                 })
                 .and_then(|l| l.split_whitespace().last())
                 .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0) as u64;
+                .unwrap_or(0.0);
         }
         Ok(total)
+    }
+
+    /// A counter summed over the replicas' `/metrics`.
+    async fn counter(&self, series: (&str, &str)) -> anyhow::Result<u64> {
+        Ok(self.sum(series).await? as u64)
+    }
+
+    /// The mean of a seconds summary over the replicas, in milliseconds.
+    async fn mean_ms(&self, summary: &str) -> anyhow::Result<Option<f64>> {
+        let sum = self.sum((&format!("{summary}_sum"), "")).await?;
+        let count = self.sum((&format!("{summary}_count"), "")).await?;
+        Ok((count > 0.0).then(|| sum * 1000.0 / count))
     }
 
     /// Waits until the replicas' `series` counter reaches `target`; returns the elapsed time.
@@ -440,15 +452,20 @@ async fn scheduler(bench: SchedulerBench) -> anyhow::Result<()> {
             let pool = pool.clone();
             // Inserted concurrently so the enqueue rate does not depend on insert latency.
             let (nats, wake) = (nats.clone(), wake.clone());
+            let sent = Instant::now();
             inserts.push(tokio::spawn(async move {
                 tandem_store::create_run(&pool, &run, &Effects::default(), &settings).await?;
+                let committed = sent.elapsed();
                 tandem_bus::wake(&nats, wake).await?;
-                anyhow::Ok(())
+                anyhow::Ok(committed)
             }));
         }
+        // How long the enqueue's own insert took to commit (part of the figure below).
+        let mut commit_ms = Vec::with_capacity(inserts.len());
         for insert in inserts {
-            insert.await??;
+            commit_ms.push(insert.await??.as_millis() as i64);
         }
+        commit_ms.sort_unstable();
         let enqueue_s = started.elapsed().as_secs_f64();
         fleet.wait_counter(CLAIMED, total, limit).await?;
         let rows = pool
@@ -470,6 +487,9 @@ async fn scheduler(bench: SchedulerBench) -> anyhow::Result<()> {
             "p50_ms": percentile(&lat, 0.50),
             "p99_ms": percentile(&lat, 0.99),
             "max_ms": lat.last(),
+            "enqueue_commit_p50_ms": percentile(&commit_ms, 0.50),
+            "enqueue_commit_p99_ms": percentile(&commit_ms, 0.99),
+            "claim_pass_mean_ms": fleet.mean_ms("tandem_scheduler_claim_seconds").await?,
             "rss": fleet.rss(),
         }));
         fleet.stop().await?;

@@ -4,11 +4,13 @@
 //! (transaction-scoped advisory lock [`CLAIM_LOCK_KEY`]); the claim itself runs concurrently on
 //! every replica:
 //!
-//! 1. **Reserve.** Under the lock: the number of `running` runs from a trigger-maintained ledger
-//!    in O(1), and the slots other claims hold reserved ([`RUNNING_COUNT_SQL`]; upstream counts
-//!    capacity on `running` only; `pausing` holds the workspace lock but not capacity). Free =
-//!    `TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS − running − reserved`; up to a batch of it is
-//!    reserved (a ledger row that expires after [`RESERVATION_SECS`]) and committed.
+//! 1. **Reserve.** One statement, its own transaction (a database function, migration V7): if
+//!    any run is queued, under the lock, the number of `running` runs from a trigger-maintained
+//!    ledger in O(1), and the slots other claims hold reserved ([`RUNNING_COUNT_SQL`]; upstream
+//!    counts capacity on `running` only; `pausing` holds the workspace lock but not capacity).
+//!    Free = `TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS − running − reserved`; up to a batch of it is
+//!    reserved (a ledger row that expires after [`RESERVATION_SECS`]) and committed, not durably
+//!    (a reservation lost in a crash only frees its slots).
 //! 2. **Claim** (no fleet lock). The oldest queued runs (`created_at_ms, run_id`, the
 //!    `runs_queued_idx` order), `FOR UPDATE SKIP LOCKED`, so concurrent claims take disjoint
 //!    runs and a run another writer holds (an operator cancelling it, say) is skipped.
@@ -69,17 +71,15 @@ pub const CLAIM_CANDIDATES_SQL: &str = "
 /// O(running), and the slots other claims have reserved and not yet used (migration V6),
 /// dropping expired reservations. Only the claimer folds, under the claim lock; deltas committed
 /// after this statement's snapshot stay for the next pass, so the sum is exactly what `count(*)`
-/// would see. Columns: running, reserved.
-pub const RUNNING_COUNT_SQL: &str = "
-    WITH expired AS (DELETE FROM running_count_ledger
-                      WHERE reservation_id IS NOT NULL AND reservation_expires_at < now()),
-         folded AS (DELETE FROM running_count_ledger WHERE reservation_id IS NULL
-                    RETURNING delta),
-         balance AS (INSERT INTO running_count_ledger (delta)
-                     SELECT coalesce(sum(delta), 0) FROM folded)
-    SELECT (SELECT coalesce(sum(delta), 0) FROM folded)::bigint,
-           (SELECT coalesce(sum(delta), 0) FROM running_count_ledger
-             WHERE reservation_id IS NOT NULL AND reservation_expires_at >= now())::bigint";
+/// would see. Columns: running, reserved. (The SQL lives in migration V7, where the reservation
+/// uses it.)
+pub const RUNNING_COUNT_SQL: &str = "SELECT running, reserved FROM tandem_running_count()";
+
+/// The reservation step in one statement (migration V7): `$1` lock key, `$2` batch, `$3` cap,
+/// `$4` expiry in seconds. Columns: queued (any run queued; if not, nothing was locked or
+/// reserved), running, slots, reservation id (NULL when no slot was free).
+const RESERVE_CAPACITY_SQL: &str = "
+    SELECT queued, running, slots, reservation_id FROM tandem_reserve_capacity($1, $2, $3, $4)";
 
 /// How long a capacity reservation holds its slots. A claim transaction takes milliseconds; one
 /// that outlives its reservation rolls back instead of exceeding the capacity.
@@ -240,15 +240,11 @@ where
         return Ok(ClaimReport::default());
     }
     let mut client = pool.get().await?;
-    // Nothing queued: do not take the fleet-wide lock at all.
-    let probe = client
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'queued')")
-        .await?;
-    let any: bool = client.query_one(&probe, &[]).await?.try_get(0)?;
-    if !any {
+    // Nothing queued: no fleet-wide lock was taken at all.
+    let Some(reservation) = reserve_capacity(&client, batch, limits.max_concurrent_runs).await?
+    else {
         return Ok(ClaimReport::default());
-    }
-    let reservation = reserve_capacity(&mut client, batch, limits.max_concurrent_runs).await?;
+    };
     let limits = ClaimLimits { batch, ..limits };
     let result = claim_set(&mut client, limits, &reservation, settings, &mut dispatch).await;
     if let (Err(_), Some(id)) = (&result, reservation.id) {
@@ -268,45 +264,35 @@ struct Reservation {
     id: Option<uuid::Uuid>,
 }
 
-/// Reserves up to `batch` slots of free capacity in a short transaction under the claim lock
-/// (the only part of a claim that replicas serialize on). Not durable on purpose
-/// (`synchronous_commit = off`): a reservation lost in a crash only frees its slots.
+/// Reserves up to `batch` slots of free capacity under the claim lock (the only part of a claim
+/// that replicas serialize on), in one statement that is its own transaction. `None`: nothing is
+/// queued (no lock was taken).
 async fn reserve_capacity(
-    client: &mut Client,
+    client: &Client,
     batch: usize,
     cap: u32,
-) -> Result<Reservation, StoreError> {
-    let tx = client.transaction().await?;
-    tx.batch_execute("SET LOCAL synchronous_commit = off")
+) -> Result<Option<Reservation>, StoreError> {
+    let stmt = client.prepare_cached(RESERVE_CAPACITY_SQL).await?;
+    let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+    let row = client
+        .query_one(
+            &stmt,
+            &[
+                &CLAIM_LOCK_KEY,
+                &batch,
+                &i64::from(cap),
+                &f64::from(RESERVATION_SECS),
+            ],
+        )
         .await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK_KEY])
-        .await?;
-    let count = tx.prepare_cached(RUNNING_COUNT_SQL).await?;
-    let row = tx.query_one(&count, &[]).await?;
-    let running_before: i64 = row.try_get(0)?;
-    let reserved: i64 = row.try_get(1)?;
-    let free = (i64::from(cap) - running_before - reserved).max(0);
-    let slots = free.min(i64::try_from(batch).unwrap_or(i64::MAX));
-    let id = if slots > 0 {
-        let id = uuid::Uuid::new_v4();
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO running_count_ledger (delta, reservation_id, reservation_expires_at)
-                 VALUES ($1, $2, now() + make_interval(secs => $3))",
-            )
-            .await?;
-        tx.execute(&stmt, &[&slots, &id, &f64::from(RESERVATION_SECS)])
-            .await?;
-        Some(id)
-    } else {
-        None
-    };
-    tx.commit().await?;
-    Ok(Reservation {
-        running_before,
-        slots,
-        id,
-    })
+    if !row.try_get::<_, bool>(0)? {
+        return Ok(None);
+    }
+    Ok(Some(Reservation {
+        running_before: row.try_get(1)?,
+        slots: row.try_get(2)?,
+        id: row.try_get(3)?,
+    }))
 }
 
 /// Gives the reservation back inside the claim transaction, in the same commit as the claims

@@ -57,6 +57,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "capacity_reservations",
         sql: include_str!("../migrations/V6__capacity_reservations.sql"),
     },
+    Migration {
+        version: 7,
+        name: "cheaper_claims",
+        sql: include_str!("../migrations/V7__cheaper_claims.sql"),
+    },
 ];
 
 /// The schema version this build needs.

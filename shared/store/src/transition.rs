@@ -28,6 +28,7 @@ use tandem_core::{
     AutomationV2Spec, Effects, Millis, Transition,
 };
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 /// Largest batch [`transition_batch`] processes in one transaction. The batch is written with
 /// set statements, so the bound only keeps lock hold times short; only when that write fails does
@@ -322,12 +323,27 @@ pub(crate) async fn load_envs(
         return Ok(Vec::new());
     }
     let ids: Vec<&str> = rows.iter().map(|r| r.run_id.as_str()).collect();
+    // The automations the rows name, read from the raw docs so that both reads go out together
+    // (pipelined: one round trip).
+    let mut automation_ids: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r.doc.get("automation_id").and_then(Value::as_str))
+        .collect();
+    automation_ids.sort_unstable();
+    automation_ids.dedup();
+    let histories_stmt = tx.prepare_cached(&histories_sql()).await?;
+    let automations_stmt = tx
+        .prepare_cached("SELECT automation_id, spec FROM automations WHERE automation_id = ANY($1)")
+        .await?;
+    let history_params: [&(dyn ToSql + Sync); 1] = [&ids];
+    let automation_params: [&(dyn ToSql + Sync); 1] = [&automation_ids];
+    let (history_rows, automation_rows) = futures::join!(
+        tx.query(&histories_stmt, &history_params),
+        tx.query(&automations_stmt, &automation_params)
+    );
     let mut histories: HashMap<String, Value> = HashMap::with_capacity(rows.len());
     let mut now_ms: Option<Millis> = None;
-    for r in tx
-        .query(&tx.prepare_cached(&histories_sql()).await?, &[&ids])
-        .await?
-    {
+    for r in history_rows? {
         now_ms = Some(ms_from_db(r.try_get(2)?, "database clock")?);
         if let Some(id) = r.try_get::<_, Option<String>>(0)? {
             histories.insert(id, r.try_get(1)?);
@@ -335,6 +351,11 @@ pub(crate) async fn load_envs(
     }
     let now_ms =
         now_ms.ok_or_else(|| StoreError::Invalid("the history query returned no row".into()))?;
+    let mut live: HashMap<String, Result<AutomationV2Spec, String>> = HashMap::new();
+    for r in automation_rows? {
+        let spec = serde_json::from_value::<AutomationV2Spec>(r.try_get(1)?);
+        live.insert(r.try_get(0)?, spec.map_err(|e| e.to_string()));
+    }
 
     let parsed: Vec<(LockedRow, Result<AutomationV2RunRecord, StoreError>)> = rows
         .into_iter()
@@ -344,20 +365,6 @@ pub(crate) async fn load_envs(
             (l, run)
         })
         .collect();
-    let mut automation_ids: Vec<&str> = parsed
-        .iter()
-        .filter_map(|(_, r)| r.as_ref().ok().map(|r| r.automation_id.as_str()))
-        .collect();
-    automation_ids.sort_unstable();
-    automation_ids.dedup();
-    let mut live: HashMap<String, Result<AutomationV2Spec, String>> = HashMap::new();
-    let stmt = tx
-        .prepare_cached("SELECT automation_id, spec FROM automations WHERE automation_id = ANY($1)")
-        .await?;
-    for r in tx.query(&stmt, &[&automation_ids]).await? {
-        let spec = serde_json::from_value::<AutomationV2Spec>(r.try_get(1)?);
-        live.insert(r.try_get(0)?, spec.map_err(|e| e.to_string()));
-    }
     // One snapshot scoped to the agents of every run's live definition and snapshot: each run
     // looks up its own agents in it.
     let governance = if settings.load_governance {
@@ -449,17 +456,23 @@ pub(crate) async fn write_changed<T>(
     let Some(now_ms) = changed.first().map(|c| c.env.now_ms) else {
         return Ok(Vec::new());
     };
-    let sp = tx.savepoint("tandem_set_write").await?;
-    match write_runs(&sp, &writes, now_ms).await {
+    // The savepoint goes out in the same round trip as the writes (pipelined, executed in
+    // order). It is left in place when they succeed: the commit releases it.
+    let (savepoint, written) = futures::join!(
+        tx.batch_execute("SAVEPOINT tandem_set_write"),
+        write_runs(tx, &writes, now_ms)
+    );
+    savepoint?;
+    match written {
         Ok(ids) => {
-            sp.commit().await?;
             for ((slot, w), ids) in slots.iter().zip(&writes).zip(ids) {
                 results[*slot] = Some(Ok((w.lease_epoch, ids)));
             }
         }
         Err(e) if e.is_connection() => return Err(e),
         Err(e) => {
-            sp.rollback().await?;
+            tx.batch_execute("ROLLBACK TO SAVEPOINT tandem_set_write")
+                .await?;
             tracing::warn!(error = %e, runs = writes.len(), "set write failed; writing run by run");
             for (slot, w) in slots.iter().zip(writes) {
                 let sp = tx.savepoint("tandem_run_write").await?;

@@ -17,6 +17,8 @@ use deadpool_postgres::Transaction;
 use serde_json::Value;
 use tandem_core::audit::DURABILITY_REQUIRED;
 use tandem_core::{AutomationLifecycleRecord, AutomationV2RunRecord, Effects, Millis};
+use tokio_postgres::Statement;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 /// One changed run, ready to be written.
@@ -168,7 +170,12 @@ impl OutboxColumns {
     }
 }
 
-/// Writes the rows, lifecycle records, audit drafts and outbox rows of `writes` inside `tx`. Returns each write's outbox row ids, in row order.
+/// Writes the rows, lifecycle records, audit drafts and outbox rows of `writes` inside `tx`.
+/// Returns each write's outbox row ids, in row order.
+///
+/// The statements are prepared first and then sent together (tokio-postgres pipelines requests
+/// polled concurrently and executes them in the order first polled), so the write costs one
+/// round trip however many tables it touches. The caller's earlier requests on `tx` run first.
 pub(crate) async fn write_runs(
     tx: &Transaction<'_>,
     writes: &[RunWrite<'_>],
@@ -197,35 +204,6 @@ pub(crate) async fn write_runs(
     let next_action: Vec<Option<i64>> = writes.iter().map(|w| w.hot.next_action_at_ms).collect();
     let stop_kinds: Vec<Option<&str>> = writes.iter().map(|w| w.hot.stop_kind).collect();
     let docs: Vec<&Value> = writes.iter().map(|w| &w.doc).collect();
-    let stmt = tx.prepare_cached(UPDATE_RUNS_SQL).await?;
-    let updated_rows = tx
-        .execute(
-            &stmt,
-            &[
-                &run_ids,
-                &automation_ids,
-                &org_ids,
-                &workspace_ids,
-                &statuses,
-                &epochs,
-                &roots,
-                &created,
-                &updated,
-                &bump_activity,
-                &next_action,
-                &stop_kinds,
-                &docs,
-                &now,
-            ],
-        )
-        .await?;
-    if usize::try_from(updated_rows).ok() != Some(writes.len()) {
-        return Err(StoreError::Invalid(format!(
-            "wrote {updated_rows} run rows for {} transitions (a run row is missing or listed twice)",
-            writes.len()
-        )));
-    }
-
     let records: Vec<RunRecords<'_>> = writes
         .iter()
         .map(|w| RunRecords {
@@ -234,7 +212,38 @@ pub(crate) async fn write_runs(
             effects: w.effects,
         })
         .collect();
-    insert_run_records(tx, &records, now_ms).await
+    let columns = RecordColumns::of(&records, now_ms)?;
+
+    let update = tx.prepare_cached(UPDATE_RUNS_SQL).await?;
+    let statements = columns.prepare(tx).await?;
+    let update_params: [&(dyn ToSql + Sync); 14] = [
+        &run_ids,
+        &automation_ids,
+        &org_ids,
+        &workspace_ids,
+        &statuses,
+        &epochs,
+        &roots,
+        &created,
+        &updated,
+        &bump_activity,
+        &next_action,
+        &stop_kinds,
+        &docs,
+        &now,
+    ];
+    let (updated_rows, ids) = futures::join!(
+        tx.execute(&update, &update_params),
+        columns.insert(tx, &statements, records.len())
+    );
+    let updated_rows = updated_rows?;
+    if usize::try_from(updated_rows).ok() != Some(writes.len()) {
+        return Err(StoreError::Invalid(format!(
+            "wrote {updated_rows} run rows for {} transitions (a run row is missing or listed twice)",
+            writes.len()
+        )));
+    }
+    ids
 }
 
 /// What one run's transition adds besides its row.
@@ -245,83 +254,166 @@ pub(crate) struct RunRecords<'a> {
 }
 
 /// Inserts the lifecycle records, audit drafts (unlinked: the chainer links them later) and
-/// outbox rows of a set of runs, one statement per table. Returns each run's outbox row ids.
+/// outbox rows of a set of runs, one statement per table, pipelined. Returns each run's outbox
+/// row ids.
 pub(crate) async fn insert_run_records(
     tx: &Transaction<'_>,
     runs: &[RunRecords<'_>],
     now_ms: Millis,
 ) -> Result<Vec<Vec<i64>>, StoreError> {
-    let now = ms_to_db(now_ms, "database clock")?;
-    let mut lc_run: Vec<&str> = Vec::new();
-    let mut lc_event: Vec<&str> = Vec::new();
-    let mut lc_at: Vec<i64> = Vec::new();
-    let mut lc_record: Vec<Value> = Vec::new();
-    for w in runs {
-        for r in w.lifecycle {
-            lc_run.push(w.run_id);
-            lc_event.push(&r.event);
-            lc_at.push(ms_to_db(r.recorded_at_ms, "lifecycle recorded_at_ms")?);
-            lc_record.push(serde_json::to_value(r)?);
+    let columns = RecordColumns::of(runs, now_ms)?;
+    let statements = columns.prepare(tx).await?;
+    columns.insert(tx, &statements, runs.len()).await
+}
+
+/// Column arrays of the lifecycle, audit and outbox rows of a set of runs.
+struct RecordColumns<'a> {
+    now: i64,
+    lc_run: Vec<&'a str>,
+    lc_event: Vec<&'a str>,
+    lc_at: Vec<i64>,
+    lc_record: Vec<Value>,
+    au_id: Vec<Uuid>,
+    au_type: Vec<&'a str>,
+    au_tenant: Vec<Value>,
+    au_actor: Vec<Option<&'a str>>,
+    au_payload: Vec<&'a Value>,
+    outbox: OutboxColumns,
+}
+
+/// The prepared statements a [`RecordColumns`] needs (`None`: no rows for that table).
+struct RecordStatements {
+    lifecycle: Option<Statement>,
+    audit: Option<Statement>,
+    outbox: Option<Statement>,
+}
+
+impl<'a> RecordColumns<'a> {
+    fn of(runs: &[RunRecords<'a>], now_ms: Millis) -> Result<Self, StoreError> {
+        let mut c = RecordColumns {
+            now: ms_to_db(now_ms, "database clock")?,
+            lc_run: Vec::new(),
+            lc_event: Vec::new(),
+            lc_at: Vec::new(),
+            lc_record: Vec::new(),
+            au_id: Vec::new(),
+            au_type: Vec::new(),
+            au_tenant: Vec::new(),
+            au_actor: Vec::new(),
+            au_payload: Vec::new(),
+            outbox: OutboxColumns::default(),
+        };
+        for w in runs {
+            for r in w.lifecycle {
+                c.lc_run.push(w.run_id);
+                c.lc_event.push(&r.event);
+                c.lc_at
+                    .push(ms_to_db(r.recorded_at_ms, "lifecycle recorded_at_ms")?);
+                c.lc_record.push(serde_json::to_value(r)?);
+            }
         }
-    }
-    if !lc_run.is_empty() {
-        let stmt = tx.prepare_cached(INSERT_LIFECYCLE_SQL).await?;
-        tx.execute(&stmt, &[&lc_run, &lc_event, &lc_at, &lc_record])
-            .await?;
-    }
-
-    let mut au_id: Vec<Uuid> = Vec::new();
-    let mut au_type: Vec<&str> = Vec::new();
-    let mut au_tenant: Vec<Value> = Vec::new();
-    let mut au_actor: Vec<Option<&str>> = Vec::new();
-    let mut au_payload: Vec<&Value> = Vec::new();
-    for a in runs.iter().flat_map(|w| &w.effects.audit) {
-        au_id.push(Uuid::new_v4());
-        au_type.push(&a.event_type);
-        au_tenant.push(serde_json::to_value(&a.tenant_context)?);
-        au_actor.push(a.actor.as_deref());
-        au_payload.push(&a.payload);
-    }
-    if !au_id.is_empty() {
-        let stmt = tx.prepare_cached(INSERT_AUDIT_SQL).await?;
-        tx.execute(
-            &stmt,
-            &[
-                &au_id,
-                &DURABILITY_REQUIRED,
-                &au_type,
-                &au_tenant,
-                &au_actor,
-                &au_payload,
-                &now,
-            ],
-        )
-        .await?;
+        for a in runs.iter().flat_map(|w| &w.effects.audit) {
+            c.au_id.push(Uuid::new_v4());
+            c.au_type.push(&a.event_type);
+            c.au_tenant.push(serde_json::to_value(&a.tenant_context)?);
+            c.au_actor.push(a.actor.as_deref());
+            c.au_payload.push(&a.payload);
+        }
+        for (i, w) in runs.iter().enumerate() {
+            c.outbox.push_effects(i, w.effects, now_ms)?;
+        }
+        Ok(c)
     }
 
-    let mut ob = OutboxColumns::default();
-    for (i, w) in runs.iter().enumerate() {
-        ob.push_effects(i, w.effects, now_ms)?;
+    async fn prepare(&self, tx: &Transaction<'_>) -> Result<RecordStatements, StoreError> {
+        let mut s = RecordStatements {
+            lifecycle: None,
+            audit: None,
+            outbox: None,
+        };
+        if !self.lc_run.is_empty() {
+            s.lifecycle = Some(tx.prepare_cached(INSERT_LIFECYCLE_SQL).await?);
+        }
+        if !self.au_id.is_empty() {
+            s.audit = Some(tx.prepare_cached(INSERT_AUDIT_SQL).await?);
+        }
+        if !self.outbox.event_id.is_empty() {
+            s.outbox = Some(tx.prepare_cached(INSERT_OUTBOX_SQL).await?);
+        }
+        Ok(s)
     }
-    let mut ids = vec![Vec::new(); runs.len()];
-    if !ob.event_id.is_empty() {
-        let stmt = tx.prepare_cached(INSERT_OUTBOX_SQL).await?;
-        let rows = tx
-            .query(
-                &stmt,
-                &[
-                    &ob.event_id,
-                    &ob.run_id,
-                    &ob.event_type,
-                    &ob.org_id,
-                    &ob.workspace_id,
-                    &ob.dedupe_id,
-                    &ob.payload,
-                    &ob.subject_kind,
-                    &ob.task_queue,
-                ],
-            )
-            .await?;
+
+    /// Sends the inserts together (in lifecycle, audit, outbox order); returns each of the
+    /// `runs` runs' outbox row ids.
+    async fn insert(
+        &self,
+        tx: &Transaction<'_>,
+        statements: &RecordStatements,
+        runs: usize,
+    ) -> Result<Vec<Vec<i64>>, StoreError> {
+        let lifecycle = async {
+            match &statements.lifecycle {
+                Some(stmt) => tx
+                    .execute(
+                        stmt,
+                        &[&self.lc_run, &self.lc_event, &self.lc_at, &self.lc_record],
+                    )
+                    .await
+                    .map(drop),
+                None => Ok(()),
+            }
+        };
+        let audit = async {
+            match &statements.audit {
+                Some(stmt) => tx
+                    .execute(
+                        stmt,
+                        &[
+                            &self.au_id,
+                            &DURABILITY_REQUIRED,
+                            &self.au_type,
+                            &self.au_tenant,
+                            &self.au_actor,
+                            &self.au_payload,
+                            &self.now,
+                        ],
+                    )
+                    .await
+                    .map(drop),
+                None => Ok(()),
+            }
+        };
+        let ob = &self.outbox;
+        let outbox = async {
+            match &statements.outbox {
+                Some(stmt) => {
+                    tx.query(
+                        stmt,
+                        &[
+                            &ob.event_id,
+                            &ob.run_id,
+                            &ob.event_type,
+                            &ob.org_id,
+                            &ob.workspace_id,
+                            &ob.dedupe_id,
+                            &ob.payload,
+                            &ob.subject_kind,
+                            &ob.task_queue,
+                        ],
+                    )
+                    .await
+                }
+                None => Ok(Vec::new()),
+            }
+        };
+        let (lifecycle, audit, outbox) = futures::join!(lifecycle, audit, outbox);
+        lifecycle?;
+        audit?;
+        let rows = outbox?;
+        let mut ids = vec![Vec::new(); runs];
+        if rows.is_empty() {
+            return Ok(ids);
+        }
         let mut by_event: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
         for row in &rows {
             by_event.insert(row.try_get(1)?, row.try_get(0)?);
@@ -336,6 +428,6 @@ pub(crate) async fn insert_run_records(
         for list in &mut ids {
             list.sort_unstable();
         }
+        Ok(ids)
     }
-    Ok(ids)
 }
