@@ -816,10 +816,17 @@ async fn run_lifecycle_is_append_only() -> anyhow::Result<()> {
 
     // Deleting a run (an operator's SQL; the engine never does) deletes its records with it.
     let run_id = full_run(now).run_id;
-    assert!(lifecycle_count(&c, &run_id).await? > 0, "the run has lifecycle records");
+    assert!(
+        lifecycle_count(&c, &run_id).await? > 0,
+        "the run has lifecycle records"
+    );
     c.execute("DELETE FROM runs WHERE run_id = $1", &[&run_id])
         .await?;
-    assert_eq!(lifecycle_count(&c, &run_id).await?, 0, "its records went with it");
+    assert_eq!(
+        lifecycle_count(&c, &run_id).await?,
+        0,
+        "its records went with it"
+    );
     drop(c);
     drop(pool);
     db.drop_db().await
@@ -1996,6 +2003,60 @@ async fn running_count_ledger_matches_count_under_concurrent_writers_and_folds()
         running_counts(&pool).await?,
         (counted + claimed, counted + claimed)
     );
+    drop(client);
+    drop(pool);
+    db.drop_db().await
+}
+
+#[tokio::test]
+async fn a_claim_whose_reservation_is_about_to_expire_commits_nothing() -> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    let now = db_now(&pool).await?;
+    for i in 0..3 {
+        create(&pool, &queued_run(&format!("e{i}"), None, now + i)).await?;
+    }
+    // Reservations are written expiring within the take-back margin, as if the claim had been
+    // stalled for most of their life.
+    let client = pool.get().await?;
+    client
+        .batch_execute(&format!(
+            "CREATE FUNCTION short_reservation() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.reservation_id IS NOT NULL THEN
+                     NEW.reservation_expires_at := now() + make_interval(secs => {});
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER short_reservation BEFORE INSERT ON running_count_ledger
+                 FOR EACH ROW EXECUTE FUNCTION short_reservation();",
+            tandem_store::RESERVATION_MARGIN_SECS / 2
+        ))
+        .await?;
+    let limits = tandem_store::ClaimLimits {
+        max_concurrent_runs: 10,
+        batch: 8,
+    };
+    let err =
+        tandem_store::claim_runs(&pool, limits, &settings(), |_, _| Transition::unchanged(()))
+            .await
+            .err()
+            .context("a claim past its reservation committed")?;
+    assert!(err.to_string().contains("reservation"), "{err}");
+    let queued: i64 = client
+        .query_one("SELECT count(*) FROM runs WHERE status = 'queued'", &[])
+        .await?
+        .try_get(0)?;
+    assert_eq!(queued, 3, "nothing was claimed");
+    assert_eq!(running_counts(&pool).await?, (0, 0));
+
+    // With reservations that hold, the same claim goes through.
+    client
+        .batch_execute("DROP TRIGGER short_reservation ON running_count_ledger")
+        .await?;
+    let report =
+        tandem_store::claim_runs(&pool, limits, &settings(), |_, _| Transition::unchanged(()))
+            .await?;
+    assert_eq!(report.claimed(), 3);
     drop(client);
     drop(pool);
     db.drop_db().await

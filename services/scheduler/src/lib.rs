@@ -830,7 +830,9 @@ impl Scheduler {
     ) {
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         let ack = match outcome {
-            Ok(()) => msg.double_ack().await,
+            // A plain ack: the result is committed, so an ack that gets lost only redelivers a
+            // result the fence then drops (its attempt is no longer current).
+            Ok(()) => msg.ack().await,
             Err(ResultError::Transient(e)) => {
                 let delay = Duration::from_millis(500)
                     .saturating_mul(u32::try_from(delivered.clamp(1, 20)).unwrap_or(20));

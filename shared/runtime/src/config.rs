@@ -39,6 +39,15 @@ pub struct DatabaseArgs {
         hide_env_values = true
     )]
     pub database_url: String,
+    /// Most PostgreSQL connections this process opens. Each holds its own buffers and a server
+    /// backend; the default suits a scheduler's loops (claims, result transactions, relay).
+    #[arg(
+        long = "database-pool-size",
+        env = "TANDEM_DATABASE_POOL_SIZE",
+        default_value_t = tandem_store::DEFAULT_POOL_SIZE,
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    pub database_pool_size: u16,
 }
 
 /// NATS connection, JetStream streams and the subject prefix.
@@ -258,8 +267,11 @@ mod tests {
             "0.0.0.0:9000",
             "--log-format",
             "json",
+            "--database-pool-size",
+            "4",
         ])
         .expect("parse");
+        assert_eq!(cli.common.database.database_pool_size, 4);
         assert_eq!(cli.common.database.database_url, "postgres://u:p@db:5432/t");
         assert_eq!(cli.common.nats.nats_prefix.as_str(), "t_ab12");
         assert!(cli.common.nats.options().tls_required);
@@ -273,5 +285,6 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--health-addr", "nowhere"]).is_err());
         assert!(Cli::try_parse_from(["x", "--log-format", "xml"]).is_err());
         assert!(Cli::try_parse_from(["x", "--nats-tls-required", "maybe"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--database-pool-size", "0"]).is_err());
     }
 }

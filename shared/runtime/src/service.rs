@@ -129,8 +129,12 @@ pub fn validate_config(
     streams
         .validate()
         .map_err(|e| Failure::config(e.to_string()))?;
-    let pool = tandem_store::connect(&common.database.database_url, info.name)
-        .map_err(|e| Failure::config(format!("TANDEM_DATABASE_URL: {e}")))?;
+    let pool = tandem_store::connect_with_size(
+        &common.database.database_url,
+        info.name,
+        usize::from(common.database.database_pool_size),
+    )
+    .map_err(|e| Failure::config(format!("TANDEM_DATABASE_URL: {e}")))?;
     Ok((settings, nats, streams, pool))
 }
 

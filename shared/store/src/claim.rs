@@ -25,10 +25,11 @@
 //!    the new epoch.
 //! 5. A waiting run's `scheduler.queue_reason`/`resource_key` is written only when it differs from
 //!    the stored one, so an idle fleet at capacity writes nothing.
-//! 6. The reservation is deleted in the same commit as the claims (whose +1 deltas the triggers
-//!    append), so another replica's reserve step never sees both or neither. A claim whose
-//!    reservation expired (and may have been handed out again) rolls back: the capacity is never
-//!    exceeded.
+//! 6. The reservation is deleted in the same commit as the claims (whose deltas the triggers
+//!    append), so another replica's reserve step sees either both or neither. The delete goes
+//!    out with the loads of step 4 and only counts if the reservation still holds for
+//!    [`RESERVATION_MARGIN_SECS`]; a claim whose reservation expired (and may be handed out
+//!    again) rolls back: the capacity is never exceeded.
 //!
 //! The decisions are made in memory on the locked rows, and every changed run is written with one
 //! statement per table (`crate::write`), so a batch costs a fixed number of round trips. When
@@ -87,6 +88,18 @@ pub const RESERVATION_SECS: i32 = 30;
 
 /// Gives a capacity reservation back (`$1` = its id).
 const RELEASE_RESERVATION_SQL: &str = "DELETE FROM running_count_ledger WHERE reservation_id = $1";
+
+/// How long a reservation must still hold when a claim transaction takes it back: the claims
+/// commit after that (write and commit take milliseconds), and a reservation is only handed out
+/// again once expired, so the margin keeps a slow claim from overlapping a new reservation.
+pub const RESERVATION_MARGIN_SECS: i32 = 10;
+
+/// Takes a reservation back inside the claim transaction (`$1` its id), only if it holds for
+/// another `$2` seconds (see [`RESERVATION_MARGIN_SECS`]).
+const TAKE_BACK_RESERVATION_SQL: &str = "
+    DELETE FROM running_count_ledger
+     WHERE reservation_id = $1
+       AND reservation_expires_at > clock_timestamp() + make_interval(secs => $2)";
 
 /// Roots (of `$1`) held by a run that holds the workspace lock.
 const HELD_ROOTS_SQL: &str = "
@@ -296,10 +309,11 @@ async fn reserve_capacity(
 }
 
 /// Gives the reservation back inside the claim transaction, in the same commit as the claims
-/// it covered. `false`: it expired and was dropped, so the claims must not commit.
+/// it covers. `false`: it expired (or is about to), so the claims must not commit.
 async fn release_reservation(tx: &Transaction<'_>, id: uuid::Uuid) -> Result<bool, StoreError> {
-    let stmt = tx.prepare_cached(RELEASE_RESERVATION_SQL).await?;
-    Ok(tx.execute(&stmt, &[&id]).await? == 1)
+    let stmt = tx.prepare_cached(TAKE_BACK_RESERVATION_SQL).await?;
+    let margin = f64::from(RESERVATION_MARGIN_SECS);
+    Ok(tx.execute(&stmt, &[&id, &margin]).await? == 1)
 }
 
 /// The claim transaction's opening: candidates (locked) and which of their workspace roots are
@@ -527,7 +541,11 @@ where
         candidates.push((items.len() - 1, Candidate { locked, root }));
     }
     if candidates.is_empty() {
-        finish_claim(tx, reservation, false).await?;
+        let released = match reservation.id {
+            Some(id) => Some(release_reservation(&tx, id).await?),
+            None => None,
+        };
+        finish_claim(tx, released, false).await?;
         return Ok(ClaimReport {
             running_before,
             items: items.into_iter().flatten().collect(),
@@ -543,7 +561,20 @@ where
         roots.push(c.root);
         locked.push(c.locked);
     }
-    let loaded = load_envs(&tx, locked, &settings.with_governance()).await?;
+    // The reservation is given back in the same round trip as the loads (pipelined): it only
+    // has to be gone in the same commit as the claims.
+    let governed = settings.with_governance();
+    let (released, loaded) = futures::join!(
+        async {
+            match reservation.id {
+                Some(id) => release_reservation(&tx, id).await.map(Some),
+                None => Ok(None),
+            }
+        },
+        load_envs(&tx, locked, &governed)
+    );
+    let released = released?;
+    let loaded = loaded?;
     // Decide, in candidate order, with the same admission rules as the run-by-run path.
     let mut free = reservation.slots;
     let mut plans: Vec<(usize, Planned<D>)> = Vec::with_capacity(loaded.len());
@@ -672,7 +703,7 @@ where
             *s = Some(item);
         }
     }
-    finish_claim(tx, reservation, any_changed).await?;
+    finish_claim(tx, released, any_changed).await?;
     Ok(ClaimReport {
         running_before,
         items: items.into_iter().flatten().collect(),
@@ -680,27 +711,22 @@ where
     })
 }
 
-/// Commits the claim with its reservation released in the same commit; rolls the claims back
-/// when the reservation expired meanwhile (its slots may have gone to another claim).
+/// Commits the claim, whose transaction released its reservation (`released`: whether it
+/// found it; `None`: it had none); rolls the claims back when the reservation had expired (its
+/// slots may have gone to another claim).
 async fn finish_claim(
     tx: Transaction<'_>,
-    reservation: &Reservation,
+    released: Option<bool>,
     any_changed: bool,
 ) -> Result<(), StoreError> {
-    let released = match reservation.id {
-        Some(id) => {
-            if !release_reservation(&tx, id).await? {
-                tx.rollback().await?;
-                return Err(StoreError::Invalid(format!(
-                    "the claim outlived its capacity reservation ({RESERVATION_SECS} s); \
-                     nothing was claimed"
-                )));
-            }
-            true
-        }
-        None => false,
-    };
-    if any_changed || released {
+    if released == Some(false) {
+        tx.rollback().await?;
+        return Err(StoreError::Invalid(format!(
+            "the claim outlived its capacity reservation ({RESERVATION_SECS} s); \
+             nothing was claimed"
+        )));
+    }
+    if any_changed || released.is_some() {
         tx.commit().await?;
     } else {
         tx.rollback().await?;

@@ -30,7 +30,7 @@ pub use candidates::{
 };
 pub use claim::{
     CLAIM_CANDIDATES_SQL, CLAIM_LOCK_KEY, ClaimItem, ClaimItemOutcome, ClaimLimits, ClaimReport,
-    MAX_CLAIM_BATCH, RUNNING_COUNT_SQL, claim_runs,
+    MAX_CLAIM_BATCH, RESERVATION_MARGIN_SECS, RESERVATION_SECS, RUNNING_COUNT_SQL, claim_runs,
 };
 pub use error::StoreError;
 pub use governance::{
@@ -45,7 +45,7 @@ pub use outbox::{
     OutboxKind, OutboxRow, TASK_ROW_TYPE, claim_outbox, claim_outbox_for_runs, claim_outbox_sql,
     engine_event, mark_outbox_published, outbox_rows, release_outbox, unpublished_outbox,
 };
-pub use pool::{connect, connect_with_size};
+pub use pool::{DEFAULT_POOL_SIZE, connect, connect_with_size};
 pub use queries::{
     ApiToken, RunFilter, append_audit, audit_records, awaiting_approval_runs, db_now_ms,
     find_api_token, insert_api_token, list_automations_in, list_runs, revoke_api_token,

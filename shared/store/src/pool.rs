@@ -5,15 +5,15 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Default pool size when the URL does not say otherwise.
-const DEFAULT_POOL_SIZE: usize = 16;
+/// Default most connections per pool (services: `TANDEM_DATABASE_POOL_SIZE`).
+pub const DEFAULT_POOL_SIZE: u16 = 16;
 
 /// Builds a pool from a `postgres://user[:password]@host:port/db` URL (or key=value string).
 ///
 /// Sync and lazy: no connection is opened until first use, so services start without Postgres
 /// being up and reconnect through the pool. `app_name` shows in `pg_stat_activity`.
 pub fn connect(url: &str, app_name: &str) -> Result<Pool, StoreError> {
-    connect_with_size(url, app_name, DEFAULT_POOL_SIZE)
+    connect_with_size(url, app_name, usize::from(DEFAULT_POOL_SIZE))
 }
 
 /// [`connect`] with an explicit maximum number of connections (benchmarks, busy replicas).
