@@ -1798,6 +1798,111 @@ async fn force_status(
     Ok(())
 }
 
+/// Whether `run_id` is still queued.
+async fn is_queued(pool: &Pool, run_id: &str) -> anyhow::Result<bool> {
+    Ok(tandem_store::get_run(pool, run_id).await?.status == AutomationRunStatus::Queued)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_freed_wakeups_only_wake_replicas_that_saw_runs_waiting() -> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    let bus = Bus::new().await?;
+    // No poll within the test: only wake-ups start claim passes.
+    let config = SchedulerConfig {
+        poll_interval: Duration::from_secs(120),
+        tick_interval: Duration::from_secs(600),
+        ..SchedulerConfig::default()
+    };
+    let sched = Scheduler::new(
+        pool.clone(),
+        bus.client.clone(),
+        bus.js.clone(),
+        bus.prefix.clone(),
+        config,
+        LifecycleSettings {
+            max_concurrent_runs: 10,
+            gates: GATES,
+            ..LifecycleSettings::default()
+        },
+    );
+    let (trigger, shutdown) = Shutdown::manual();
+    let running = tokio::spawn({
+        let sched = sched.clone();
+        async move { sched.run(shutdown).await }
+    });
+    let subject = tandem_bus::wake_scheduler_subject(&bus.prefix);
+    let plain_wake = || tandem_bus::wake(&bus.client, subject.clone());
+    let capacity_wake = || {
+        tandem_bus::wake_with(
+            &bus.client,
+            subject.clone(),
+            tandem_bus::WAKE_CAPACITY_FREED,
+        )
+    };
+    let result = async {
+        let now = db_now(&pool).await?;
+        // A plain hint starts a pass (repeated until the replica has subscribed).
+        create_on_root(&pool, "a", Some("/w/a"), now).await?;
+        eventually(
+            "a plain hint to claim a",
+            Duration::from_secs(20),
+            || async {
+                plain_wake().await?;
+                Ok(!is_queued(&pool, "a").await?)
+            },
+        )
+        .await?;
+
+        // That pass left nothing waiting: a "capacity freed" hint is not worth a pass.
+        create_on_root(&pool, "b", Some("/w/b"), now + 1).await?;
+        capacity_wake().await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        ensure!(
+            is_queued(&pool, "b").await?,
+            "a capacity hint woke an idle replica"
+        );
+        plain_wake().await?;
+        eventually(
+            "a plain hint to claim b",
+            Duration::from_secs(10),
+            || async { Ok(!is_queued(&pool, "b").await?) },
+        )
+        .await?;
+
+        // c waits for b's workspace root; once b lets go, a capacity hint claims it.
+        create_on_root(&pool, "c", Some("/w/b"), now + 2).await?;
+        plain_wake().await?;
+        eventually(
+            "c to wait for the workspace lock",
+            Duration::from_secs(10),
+            || async {
+                Ok(tandem_store::get_run(&pool, "c")
+                    .await?
+                    .scheduler
+                    .and_then(|s| s.queue_reason)
+                    == Some(QueueReason::WorkspaceLock))
+            },
+        )
+        .await?;
+        force_status(&pool, "b", AutomationRunStatus::Completed).await?;
+        capacity_wake().await?;
+        eventually(
+            "a capacity hint to claim c",
+            Duration::from_secs(10),
+            || async { Ok(!is_queued(&pool, "c").await?) },
+        )
+        .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    trigger.trigger();
+    running.await??;
+    result?;
+    drop(pool);
+    bus.cleanup().await?;
+    db.drop_db().await
+}
+
 #[tokio::test]
 async fn case_26_blocked_run_is_never_claimed_and_stays_unchanged() -> anyhow::Result<()> {
     let (db, pool) = TestDb::migrated().await?;

@@ -19,8 +19,9 @@
 //!   commit; a background pass picks up anything left behind.
 //!
 //! After a commit: the relay publishes the new tasks and events, cancel hints go to workers for
-//! runs that stopped (`tandem.control.cancel.<run_id>`), and a wake-up goes to every scheduler
-//! when a run became claimable or released capacity.
+//! runs that stopped (`tandem.control.cancel.<run_id>`), and a "capacity freed" wake-up goes to
+//! every scheduler when a run released capacity (only replicas whose last pass left runs waiting
+//! act on it). The results of one fetched batch share this work.
 //!
 //! Shutdown (SIGTERM/SIGINT): the loops stop taking new work, finish what they hold (the current
 //! claim transaction, the results being applied), flush progress, and return. Nothing is failed or
@@ -33,7 +34,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -116,6 +117,26 @@ struct Counters {
     progress_touched: AtomicU64,
 }
 
+/// Post-commit work of one or more transactions, done once for all of them: relay the runs'
+/// outbox rows, send cancel hints, wake schedulers (capacity freed) and gate-notifiers (a gate
+/// opened).
+#[derive(Debug, Default)]
+struct AfterCommit {
+    relay: Vec<String>,
+    cancels: Vec<(String, LeaseEpoch)>,
+    wake: bool,
+    gate_opened: bool,
+}
+
+impl AfterCommit {
+    fn merge(&mut self, other: AfterCommit) {
+        self.relay.extend(other.relay);
+        self.cancels.extend(other.cancels);
+        self.wake |= other.wake;
+        self.gate_opened |= other.gate_opened;
+    }
+}
+
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
@@ -169,6 +190,9 @@ struct Inner {
     store: StoreSettings,
     /// Local claim-loop wake-up (fed by `tandem.wake.scheduler`).
     wake: Notify,
+    /// The last claim pass left runs waiting (capacity, workspace lock) or may have (a full
+    /// batch, an error): a "capacity freed" wake-up is only worth a pass then.
+    runs_waiting: AtomicBool,
     /// Post-claim work (relay, hints) in flight, so the next claim need not wait for it.
     after_claim: Arc<Semaphore>,
     counters: Counters,
@@ -234,6 +258,7 @@ impl Scheduler {
                 config,
                 lifecycle,
                 wake: Notify::new(),
+                runs_waiting: AtomicBool::new(true),
                 after_claim: Arc::new(Semaphore::new(AFTER_CLAIM_IN_FLIGHT as usize)),
                 counters: Counters::default(),
             }),
@@ -430,7 +455,13 @@ impl Scheduler {
             if shutdown.is_triggered() {
                 return;
             }
-            let wait = match self.claim_once().await {
+            let pass = self.claim_once().await;
+            let waiting = match &pass {
+                Ok(s) => s.full_batch || s.waiting_capacity > 0 || s.waiting_workspace_lock > 0,
+                Err(_) => true,
+            };
+            self.inner.runs_waiting.store(waiting, Ordering::Relaxed);
+            let wait = match pass {
                 Ok(s) if s.full_batch && s.claimed > 0 => {
                     failures =
                         backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
@@ -526,6 +557,12 @@ impl Scheduler {
             tokio::select! {
                 () = shutdown.wait() => return,
                 m = sub.next() => match m {
+                    // Capacity freed matters only if the last pass left runs waiting; any other
+                    // hint (a run became claimable) always wakes the claim loop.
+                    Some(m) if m.payload.as_ref() == tandem_bus::WAKE_CAPACITY_FREED
+                        && !self.inner.runs_waiting.load(Ordering::Relaxed) => {
+                        metrics::counter!("tandem_scheduler_wakeups_skipped_total").increment(1);
+                    }
                     Some(_) => self.inner.wake.notify_one(),
                     None => return,
                 },
@@ -546,7 +583,8 @@ impl Scheduler {
         }
     }
 
-    /// After a commit: publish the outbox rows of these runs, send cancel hints, wake schedulers.
+    /// After a commit: publish the outbox rows of these runs, send cancel hints, and when `wake`
+    /// (capacity was released) a "capacity freed" wake-up to the schedulers.
     async fn after_commit(&self, runs: &[String], cancels: &[(String, LeaseEpoch)], wake: bool) {
         if !runs.is_empty() {
             match self.inner.relay.relay_runs(runs).await {
@@ -575,7 +613,9 @@ impl Scheduler {
         }
         if wake {
             let subject = tandem_bus::wake_scheduler_subject(&self.inner.prefix);
-            match tandem_bus::wake(&self.inner.nats, subject).await {
+            match tandem_bus::wake_with(&self.inner.nats, subject, tandem_bus::WAKE_CAPACITY_FREED)
+                .await
+            {
                 Ok(()) => metrics::counter!("tandem_scheduler_wakeups_sent_total").increment(1),
                 Err(e) => tracing::debug!(error = %e, "wake-up not sent"),
             }
@@ -639,6 +679,17 @@ impl Scheduler {
         &self,
         results: &[TaskResult],
     ) -> Result<Vec<Result<ResultApplied, ResultError>>, ResultError> {
+        let (outcomes, after) = self.apply_results_deferred(results).await?;
+        self.finish_commits(after).await;
+        Ok(outcomes)
+    }
+
+    /// [`Self::apply_results`] without the post-commit work, which it returns so a caller that
+    /// applied several batches does it once for all of them.
+    async fn apply_results_deferred(
+        &self,
+        results: &[TaskResult],
+    ) -> Result<(Vec<Result<ResultApplied, ResultError>>, AfterCommit), ResultError> {
         let started = Instant::now();
         let gates = self.inner.lifecycle.gates;
         let mut by_run: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -673,10 +724,7 @@ impl Scheduler {
 
         let mut outcomes: Vec<Option<Result<ResultApplied, ResultError>>> =
             results.iter().map(|_| None).collect();
-        let mut relay = Vec::new();
-        let mut cancels = Vec::new();
-        let mut wake = false;
-        let mut gate_opened = false;
+        let mut after = AfterCommit::default();
         for item in items {
             let indices = by_run
                 .get(item.run_id.as_str())
@@ -726,7 +774,7 @@ impl Scheduler {
                     .increment(dispatched as u64);
                 bump(&self.inner.counters.tasks_dispatched, dispatched as u64);
             }
-            cancels.extend(
+            after.cancels.extend(
                 applied
                     .effects
                     .cancel_tasks_of
@@ -734,22 +782,28 @@ impl Scheduler {
                     .map(|r| (r.clone(), applied.lease_epoch)),
             );
             if !applied.outbox_ids.is_empty() {
-                relay.push(item.run_id.clone());
+                after.relay.push(item.run_id.clone());
             }
-            wake |=
+            after.wake |=
                 status != AutomationRunStatus::Running && status != AutomationRunStatus::Pausing;
-            gate_opened |= status == AutomationRunStatus::AwaitingApproval;
+            after.gate_opened |= status == AutomationRunStatus::AwaitingApproval;
         }
-        if gate_opened {
-            self.wake_gate_notifiers().await;
-        }
-        if !relay.is_empty() || !cancels.is_empty() || wake {
-            self.after_commit(&relay, &cancels, wake).await;
-        }
-        Ok(outcomes
+        let outcomes = outcomes
             .into_iter()
             .map(|o| o.unwrap_or_else(|| Err(ResultError::Permanent("result not reached".into()))))
-            .collect())
+            .collect();
+        Ok((outcomes, after))
+    }
+
+    /// The post-commit work of [`AfterCommit`].
+    async fn finish_commits(&self, after: AfterCommit) {
+        if after.gate_opened {
+            self.wake_gate_notifiers().await;
+        }
+        if !after.relay.is_empty() || !after.cancels.is_empty() || after.wake {
+            self.after_commit(&after.relay, &after.cancels, after.wake)
+                .await;
+        }
     }
 
     fn dropped(&self, reason: &str, result: &TaskResult) -> ResultApplied {
@@ -792,6 +846,14 @@ impl Scheduler {
     /// settle each message: ack; transient failure → Nak with delay; malformed or permanently
     /// failing → dead-letter copy, then Term.
     pub async fn handle_result_messages(&self, msgs: Vec<jetstream::Message>) {
+        let after = self.handle_result_messages_deferred(msgs).await;
+        self.finish_commits(after).await;
+    }
+
+    /// [`Self::handle_result_messages`] without the post-commit work, which it returns. The
+    /// messages are settled first: the results they carry are committed by then.
+    async fn handle_result_messages_deferred(&self, msgs: Vec<jetstream::Message>) -> AfterCommit {
+        let mut after = AfterCommit::default();
         let mut valid = Vec::with_capacity(msgs.len());
         let mut results = Vec::with_capacity(msgs.len());
         let mut settle = Vec::new();
@@ -805,12 +867,15 @@ impl Scheduler {
             }
         }
         if !results.is_empty() {
-            match self.apply_results(&results).await {
-                Ok(outcomes) => settle.extend(
-                    valid
-                        .into_iter()
-                        .zip(outcomes.into_iter().map(|o| o.map(|_| ()))),
-                ),
+            match self.apply_results_deferred(&results).await {
+                Ok((outcomes, deferred)) => {
+                    after = deferred;
+                    settle.extend(
+                        valid
+                            .into_iter()
+                            .zip(outcomes.into_iter().map(|o| o.map(|_| ()))),
+                    );
+                }
                 Err(e) => settle.extend(valid.into_iter().map(|m| (m, Err(e.clone())))),
             }
         }
@@ -820,6 +885,7 @@ impl Scheduler {
                 .map(|(msg, outcome)| self.settle_result_message(msg, outcome)),
         )
         .await;
+        after
     }
 
     /// Acknowledges a handled result message according to its outcome.
@@ -966,13 +1032,19 @@ impl Scheduler {
                 let part = run_partition(msg.subject.as_str(), groups);
                 parts[part].push(msg);
             }
-            futures::future::join_all(
+            // Their post-commit work (relay, hints, wake-ups) is done once for the whole batch.
+            let mut after = AfterCommit::default();
+            for part in futures::future::join_all(
                 parts
                     .into_iter()
                     .filter(|p| !p.is_empty())
-                    .map(|p| self.handle_result_messages(p)),
+                    .map(|p| self.handle_result_messages_deferred(p)),
             )
-            .await;
+            .await
+            {
+                after.merge(part);
+            }
+            self.finish_commits(after).await;
         }
     }
 

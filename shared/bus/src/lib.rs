@@ -25,7 +25,7 @@ pub mod subject;
 pub use async_nats;
 pub use connect::{DEFAULT_NATS_URL, NatsOptions, connect, jetstream, redact_url};
 pub use deadletter::{DeadLetter, publish_dead_letter};
-pub use publish::{OutgoingMessage, Published, publish, wake};
+pub use publish::{OutgoingMessage, Published, WAKE_CAPACITY_FREED, publish, wake, wake_with};
 pub use streams::{
     EnsureReport, StreamAction, StreamNames, StreamSettings, ensure_streams, ensure_streams_with,
 };

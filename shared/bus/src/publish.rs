@@ -152,11 +152,25 @@ pub async fn publish(js: &jetstream::Context, msg: OutgoingMessage) -> Result<Pu
     }
 }
 
+/// Body of a scheduler wake-up sent because capacity was released (a run stopped holding a
+/// slot or a workspace root): only replicas that last saw runs waiting need to look. An empty
+/// body means "look now" (a run became claimable).
+pub const WAKE_CAPACITY_FREED: &[u8] = b"capacity";
+
 /// Sends a core-NATS wake-up hint (not persisted; lost when nobody listens). Consumers must not
 /// depend on it: they poll Postgres as well.
 pub async fn wake(client: &Client, subject: String) -> Result<(), BusError> {
+    wake_with(client, subject, b"").await
+}
+
+/// [`wake`] with a body saying why (see [`WAKE_CAPACITY_FREED`]).
+pub async fn wake_with(
+    client: &Client,
+    subject: String,
+    body: &'static [u8],
+) -> Result<(), BusError> {
     client
-        .publish(subject.clone(), Bytes::new())
+        .publish(subject.clone(), Bytes::from_static(body))
         .await
         .map_err(|source| BusError::CorePublish { subject, source })
 }
