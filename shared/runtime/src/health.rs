@@ -147,13 +147,28 @@ impl Readiness {
     }
 }
 
-/// Installs the process-wide Prometheus recorder (once per process).
+/// How often histogram samples are folded into their summaries when nobody scrapes.
+const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the process-wide Prometheus recorder (once per process) and its upkeep task (call
+/// inside the Tokio runtime).
 pub fn install_metrics_recorder(
     service: &'static str,
 ) -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     let handle = PrometheusBuilder::new()
         .add_global_label("service", service)
         .install_recorder()?;
+    // Histogram samples wait in the recorder until drained; a scrape drains them, and so does
+    // this upkeep, so memory stays bounded when nobody scrapes `/metrics` (or rarely does).
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     metrics::describe_gauge!(
         "tandem_ready",
         "1 when the service is ready (dependencies connected, schema current), else 0"
