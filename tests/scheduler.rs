@@ -1391,6 +1391,56 @@ async fn tick_pauses_a_run_over_its_runtime_budget_and_sends_a_cancel_hint() -> 
     db.drop_db().await
 }
 
+#[tokio::test]
+async fn tick_reads_only_runs_it_could_change() -> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    let bus = Bus::new().await?;
+    let sched = bus.scheduler(&pool, 8);
+    let now = db_now(&pool).await?;
+    create_on_root(&pool, "idle", None, now).await?;
+    create_on_root(&pool, "busy", None, now + 1).await?;
+    // Claimed without dispatching: both are running with nothing in flight.
+    assert_eq!(
+        claimed_ids(&claim_plain(&pool, 8, 10).await?),
+        ["idle", "busy"]
+    );
+
+    // Fresh activity and no runtime limit: the tick does not read them.
+    let before = row_xmin(&pool, "idle").await?;
+    assert_eq!(sched.tick_claimed().await?, 0);
+    assert_eq!(row_xmin(&pool, "idle").await?, before);
+
+    // A run silent for longer than a tick period is re-evaluated, and its node dispatched.
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE runs SET activity_at_ms = activity_at_ms - 60000 WHERE run_id = 'idle'",
+            &[],
+        )
+        .await?;
+    assert_eq!(sched.tick_claimed().await?, 1);
+    assert_eq!(
+        tandem_store::get_run(&pool, "idle")
+            .await?
+            .checkpoint
+            .node_attempts
+            .len(),
+        1,
+        "the idle run's node was dispatched"
+    );
+    assert!(
+        tandem_store::get_run(&pool, "busy")
+            .await?
+            .checkpoint
+            .node_attempts
+            .is_empty(),
+        "the run with recent activity was not read"
+    );
+    bus.cleanup().await?;
+    drop(pool);
+    db.drop_db().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn progress_is_coalesced_to_one_fenced_write_per_run_per_flush() -> anyhow::Result<()> {
     let (db, pool) = TestDb::migrated().await?;

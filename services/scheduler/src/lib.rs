@@ -487,12 +487,17 @@ impl Scheduler {
         }
     }
 
-    /// Re-evaluates every claimed (`running`/`pausing`) run once with `dispatch_ready_nodes`, in
+    /// Re-evaluates claimed (`running`/`pausing`) runs once with `dispatch_ready_nodes`, in
     /// chunks of `SKIP LOCKED` batches: enforces `max_total_runtime_ms` while attempts run, and
-    /// picks up a run left with nothing dispatched. A run with nothing due is not written.
+    /// picks up a run left with nothing dispatched. Only runs that could change are read: those
+    /// with a runtime limit, and those without worker activity for a tick period (a run with
+    /// work in flight reports results or heartbeats). A run with nothing due is not written.
     /// Returns how many runs changed.
     pub async fn tick_claimed(&self) -> Result<usize, StoreError> {
-        let ids = tandem_store::claimed_run_ids(&self.inner.pool, 100_000).await?;
+        let idle_ms =
+            i64::try_from(self.inner.config.tick_interval.as_millis()).unwrap_or(i64::MAX);
+        let ids =
+            tandem_store::claimed_run_ids_to_tick(&self.inner.pool, Some(idle_ms), 100_000).await?;
         let gates = self.inner.lifecycle.gates;
         let mut changed = 0;
         for chunk in ids.chunks(TICK_CHUNK) {

@@ -289,18 +289,49 @@ pub async fn next_gate_action_at(pool: &Pool) -> Result<Option<Millis>, StoreErr
 }
 
 /// Ids of the runs holding a claim (`running` or `pausing`), in id order, from `runs_active_idx`.
-/// The scheduler's periodic re-evaluation walks them in chunks (see `Sweep::Runs`).
 pub async fn claimed_run_ids(pool: &Pool, limit: usize) -> Result<Vec<String>, StoreError> {
-    let client = pool.get().await?;
-    let stmt = client
-        .prepare_cached(
-            "SELECT run_id FROM runs WHERE status IN ('running', 'pausing')
-              ORDER BY run_id LIMIT $1",
-        )
-        .await?;
+    claimed_run_ids_to_tick(pool, None, limit).await
+}
+
+/// [`claimed_run_ids`] restricted to the runs a periodic re-evaluation can change: runs whose
+/// automation (live definition or the run's snapshot) sets `execution.max_total_runtime_ms`, and
+/// runs without worker activity for `idle_ms` (the safety net for a run left with nothing
+/// dispatched). `None`: every claimed run.
+pub async fn claimed_run_ids_to_tick(
+    pool: &Pool,
+    idle_ms: Option<i64>,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let client = pool.get().await?;
+    let Some(idle_ms) = idle_ms else {
+        let stmt = client
+            .prepare_cached(
+                "SELECT run_id FROM runs WHERE status IN ('running', 'pausing')
+                  ORDER BY run_id LIMIT $1",
+            )
+            .await?;
+        return client
+            .query(&stmt, &[&limit])
+            .await?
+            .iter()
+            .map(|r| Ok(r.try_get(0)?))
+            .collect();
+    };
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT r.run_id FROM runs r
+               LEFT JOIN automations a ON a.automation_id = r.automation_id
+              WHERE r.status IN ('running', 'pausing')
+                AND (r.activity_at_ms < {DB_NOW_MS} - $1
+                     OR jsonb_typeof(a.spec->'execution'->'max_total_runtime_ms') = 'number'
+                     OR jsonb_typeof(r.doc->'automation_snapshot'->'execution'
+                                     ->'max_total_runtime_ms') = 'number')
+              ORDER BY r.run_id LIMIT $2"
+        ))
+        .await?;
     client
-        .query(&stmt, &[&limit])
+        .query(&stmt, &[&idle_ms, &limit])
         .await?
         .iter()
         .map(|r| Ok(r.try_get(0)?))
