@@ -129,6 +129,10 @@ struct AfterCommit {
 }
 
 impl AfterCommit {
+    fn is_empty(&self) -> bool {
+        self.relay.is_empty() && self.cancels.is_empty() && !self.wake && !self.gate_opened
+    }
+
     fn merge(&mut self, other: AfterCommit) {
         self.relay.extend(other.relay);
         self.cancels.extend(other.cancels);
@@ -356,18 +360,20 @@ impl Scheduler {
             running_before: report.running_before,
             ..ClaimSummary::default()
         };
-        let mut freed = false;
-        let mut cancels = Vec::new();
+        let mut after = AfterCommit {
+            relay: report.runs_with_outbox(),
+            ..AfterCommit::default()
+        };
         for item in &report.items {
             match &item.result {
                 Ok(ClaimItemOutcome::Claimed { dispatch, .. }) => {
                     s.claimed += 1;
                     s.tasks_dispatched += dispatch.effects.tasks.len();
-                    if dispatch.run.status != AutomationRunStatus::Running {
-                        freed = true;
-                    }
+                    after.wake |= dispatch.run.status != AutomationRunStatus::Running;
+                    after.gate_opened |=
+                        dispatch.run.status == AutomationRunStatus::AwaitingApproval;
                     for run in &dispatch.effects.cancel_tasks_of {
-                        cancels.push((run.clone(), dispatch.lease_epoch));
+                        after.cancels.push((run.clone(), dispatch.lease_epoch));
                     }
                 }
                 Ok(ClaimItemOutcome::Settled(a)) => match &a.outcome {
@@ -422,25 +428,18 @@ impl Scheduler {
         if s.claimed > 0 || s.runtime_context_failed > 0 || s.launch_held > 0 {
             tracing::debug!(?s, "claim pass");
         }
-        if report.items.iter().any(|i| {
-            matches!(&i.result, Ok(ClaimItemOutcome::Claimed { dispatch, .. })
-                if dispatch.run.status == AutomationRunStatus::AwaitingApproval)
-        }) {
-            self.wake_gate_notifiers().await;
-        }
         // The relay of this pass runs beside the next pass (bounded; the relay keeps each run's
         // rows in order by itself), so claiming does not wait for PubAcks.
-        let runs = report.runs_with_outbox();
-        if !runs.is_empty() || !cancels.is_empty() || freed {
+        if !after.is_empty() {
             match self.inner.after_claim.clone().acquire_owned().await {
                 Ok(permit) => {
                     let me = self.clone();
                     tokio::spawn(async move {
-                        me.after_commit(&runs, &cancels, freed).await;
+                        me.finish_commits(after).await;
                         drop(permit);
                     });
                 }
-                Err(_) => self.after_commit(&runs, &cancels, freed).await,
+                Err(_) => self.finish_commits(after).await,
             }
         }
         Ok(s)
@@ -496,8 +495,7 @@ impl Scheduler {
     pub async fn tick_claimed(&self) -> Result<usize, StoreError> {
         let idle_ms =
             i64::try_from(self.inner.config.tick_interval.as_millis()).unwrap_or(i64::MAX);
-        let ids =
-            tandem_store::claimed_run_ids_to_tick(&self.inner.pool, Some(idle_ms), 100_000).await?;
+        let ids = tandem_store::claimed_run_ids_to_tick(&self.inner.pool, idle_ms, 100_000).await?;
         let gates = self.inner.lifecycle.gates;
         let mut changed = 0;
         for chunk in ids.chunks(TICK_CHUNK) {
@@ -509,9 +507,7 @@ impl Scheduler {
                 |run, env| exec::dispatch(run, env, &gates),
             )
             .await?;
-            let mut runs = Vec::new();
-            let mut cancels = Vec::new();
-            let mut freed = false;
+            let mut after = AfterCommit::default();
             for item in items {
                 let Ok(a) = item.result else { continue };
                 if !a.changed {
@@ -519,20 +515,19 @@ impl Scheduler {
                 }
                 changed += 1;
                 if !a.outbox_ids.is_empty() {
-                    runs.push(item.run_id.clone());
+                    after.relay.push(item.run_id.clone());
                 }
                 for r in &a.effects.cancel_tasks_of {
-                    cancels.push((r.clone(), a.lease_epoch));
+                    after.cancels.push((r.clone(), a.lease_epoch));
                 }
-                if !a.run.status.holds_workspace_lock() {
-                    freed = true;
-                }
+                after.wake |= !a.run.status.holds_workspace_lock();
+                after.gate_opened |= a.run.status == AutomationRunStatus::AwaitingApproval;
                 bump(
                     &self.inner.counters.tasks_dispatched,
                     a.effects.tasks.len() as u64,
                 );
             }
-            self.after_commit(&runs, &cancels, freed).await;
+            self.finish_commits(after).await;
         }
         if changed > 0 {
             metrics::counter!("tandem_scheduler_tick_changed_total").increment(changed as u64);
@@ -588,11 +583,15 @@ impl Scheduler {
         }
     }
 
-    /// After a commit: publish the outbox rows of these runs, send cancel hints, and when `wake`
-    /// (capacity was released) a "capacity freed" wake-up to the schedulers.
-    async fn after_commit(&self, runs: &[String], cancels: &[(String, LeaseEpoch)], wake: bool) {
-        if !runs.is_empty() {
-            match self.inner.relay.relay_runs(runs).await {
+    /// After commits: publish the outbox rows of their runs, send cancel hints, wake
+    /// gate-notifiers when a gate opened and, when capacity was released, send a "capacity
+    /// freed" wake-up to the schedulers.
+    async fn finish_commits(&self, after: AfterCommit) {
+        if after.gate_opened {
+            self.wake_gate_notifiers().await;
+        }
+        if !after.relay.is_empty() {
+            match self.inner.relay.relay_runs(&after.relay).await {
                 Ok(r) if r.failed > 0 => self.inner.relay.nudge(),
                 Ok(_) => {}
                 Err(e) => {
@@ -601,7 +600,7 @@ impl Scheduler {
                 }
             }
         }
-        for (run_id, epoch) in cancels {
+        for (run_id, epoch) in &after.cancels {
             let hint = TaskCancel {
                 run_id: run_id.clone(),
                 lease_epoch: Some(epoch.0),
@@ -616,7 +615,7 @@ impl Scheduler {
                 Err(e) => tracing::debug!(run_id = %run_id, error = %e, "cancel hint not sent"),
             }
         }
-        if wake {
+        if after.wake {
             let subject = tandem_bus::wake_scheduler_subject(&self.inner.prefix);
             match tandem_bus::wake_with(&self.inner.nats, subject, tandem_bus::WAKE_CAPACITY_FREED)
                 .await
@@ -798,17 +797,6 @@ impl Scheduler {
             .map(|o| o.unwrap_or_else(|| Err(ResultError::Permanent("result not reached".into()))))
             .collect();
         Ok((outcomes, after))
-    }
-
-    /// The post-commit work of [`AfterCommit`].
-    async fn finish_commits(&self, after: AfterCommit) {
-        if after.gate_opened {
-            self.wake_gate_notifiers().await;
-        }
-        if !after.relay.is_empty() || !after.cancels.is_empty() || after.wake {
-            self.after_commit(&after.relay, &after.cancels, after.wake)
-                .await;
-        }
     }
 
     fn dropped(&self, reason: &str, result: &TaskResult) -> ResultApplied {

@@ -288,36 +288,17 @@ pub async fn next_gate_action_at(pool: &Pool) -> Result<Option<Millis>, StoreErr
     opt_ms_from_db(v, "next_action_at_ms")
 }
 
-/// Ids of the runs holding a claim (`running` or `pausing`), in id order, from `runs_active_idx`.
-pub async fn claimed_run_ids(pool: &Pool, limit: usize) -> Result<Vec<String>, StoreError> {
-    claimed_run_ids_to_tick(pool, None, limit).await
-}
-
-/// [`claimed_run_ids`] restricted to the runs a periodic re-evaluation can change: runs whose
-/// automation (live definition or the run's snapshot) sets `execution.max_total_runtime_ms`, and
-/// runs without worker activity for `idle_ms` (the safety net for a run left with nothing
-/// dispatched). `None`: every claimed run.
+/// Ids of the runs holding a claim (`running` or `pausing`) that a periodic re-evaluation can
+/// change, in id order: runs whose automation (live definition or the run's snapshot) sets
+/// `execution.max_total_runtime_ms`, and runs without worker activity for `idle_ms` (the safety
+/// net for a run left with nothing dispatched).
 pub async fn claimed_run_ids_to_tick(
     pool: &Pool,
-    idle_ms: Option<i64>,
+    idle_ms: i64,
     limit: usize,
 ) -> Result<Vec<String>, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let client = pool.get().await?;
-    let Some(idle_ms) = idle_ms else {
-        let stmt = client
-            .prepare_cached(
-                "SELECT run_id FROM runs WHERE status IN ('running', 'pausing')
-                  ORDER BY run_id LIMIT $1",
-            )
-            .await?;
-        return client
-            .query(&stmt, &[&limit])
-            .await?
-            .iter()
-            .map(|r| Ok(r.try_get(0)?))
-            .collect();
-    };
     let stmt = client
         .prepare_cached(&format!(
             "SELECT r.run_id FROM runs r
