@@ -888,6 +888,47 @@ async fn claim_probe_and_candidates_use_the_partial_indexes() -> anyhow::Result<
     db.drop_db().await
 }
 
+#[tokio::test]
+async fn writer_relay_claim_reads_only_its_runs_rows_even_with_a_generic_plan() -> anyhow::Result<()>
+{
+    let (db, pool) = TestDb::migrated().await?;
+    let c = pool.get().await?;
+    // A backlog of unpublished rows of other runs, as under a steady load.
+    c.batch_execute(
+        "INSERT INTO outbox (event_id, run_id, event_type, org_id, workspace_id, dedupe_id,
+                             payload)
+         SELECT gen_random_uuid(), 'r' || (g % 2000), 'automation.run.started', 'o', 'w',
+                'd' || g, '{}'::jsonb
+           FROM generate_series(1, 20000) g;
+         ANALYZE outbox;
+         SET plan_cache_mode = force_generic_plan;",
+    )
+    .await?;
+    c.batch_execute(&format!(
+        "PREPARE mine(bigint, float8, text[]) AS {}",
+        tandem_store::claim_outbox_for_runs_sql()
+    ))
+    .await?;
+    let mut plan = String::new();
+    for m in c
+        .simple_query("EXPLAIN EXECUTE mine(3, 30, '{r1,r2,r3}')")
+        .await?
+    {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            plan.push_str(r.get(0).unwrap_or_default());
+            plan.push('\n');
+        }
+    }
+    ensure!(plan.contains("outbox_run_unpublished_idx"), "{plan}");
+    ensure!(
+        !plan.contains("outbox_unpublished_idx") && !plan.contains("Seq Scan"),
+        "the claim of three runs' rows walks other rows:\n{plan}"
+    );
+    drop(c);
+    drop(pool);
+    db.drop_db().await
+}
+
 // ---------------------------------------------------------------------------------------------
 // outbox relay
 
@@ -1853,14 +1894,21 @@ async fn is_queued(pool: &Pool, run_id: &str) -> anyhow::Result<bool> {
     Ok(tandem_store::get_run(pool, run_id).await?.status == AutomationRunStatus::Queued)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn capacity_freed_wakeups_only_wake_replicas_that_saw_runs_waiting() -> anyhow::Result<()> {
-    let (db, pool) = TestDb::migrated().await?;
-    let bus = Bus::new().await?;
-    // No poll within the test: only wake-ups start claim passes.
+/// A scheduler replica running in this process on `pool` and `bus`, started only by wake-ups
+/// (no poll or tick within a test), with `claim_concurrency` passes at most in flight; stop it
+/// with the returned trigger and await the handle.
+fn start_woken_scheduler(
+    pool: &Pool,
+    bus: &Bus,
+    claim_concurrency: usize,
+) -> (
+    tandem_runtime::ShutdownTrigger,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let config = SchedulerConfig {
         poll_interval: Duration::from_secs(120),
         tick_interval: Duration::from_secs(600),
+        claim_concurrency,
         ..SchedulerConfig::default()
     };
     let sched = Scheduler::new(
@@ -1876,10 +1924,15 @@ async fn capacity_freed_wakeups_only_wake_replicas_that_saw_runs_waiting() -> an
         },
     );
     let (trigger, shutdown) = Shutdown::manual();
-    let running = tokio::spawn({
-        let sched = sched.clone();
-        async move { sched.run(shutdown).await }
-    });
+    let running = tokio::spawn(async move { sched.run(shutdown).await });
+    (trigger, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_freed_wakeups_only_wake_replicas_that_saw_runs_waiting() -> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    let bus = Bus::new().await?;
+    let (trigger, running) = start_woken_scheduler(&pool, &bus, 1);
     let subject = tandem_bus::wake_scheduler_subject(&bus.prefix);
     let plain_wake = || tandem_bus::wake(&bus.client, subject.clone());
     let capacity_wake = || {
@@ -1948,6 +2001,88 @@ async fn capacity_freed_wakeups_only_wake_replicas_that_saw_runs_waiting() -> an
     trigger.trigger();
     running.await??;
     result?;
+    drop(pool);
+    bus.cleanup().await?;
+    db.drop_db().await
+}
+
+/// Backends of this database waiting for a lock.
+async fn lock_waiters(pool: &Pool) -> anyhow::Result<i64> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wakeup_starts_a_second_claim_pass_while_the_first_is_still_writing() -> anyhow::Result<()>
+{
+    let (db, pool) = TestDb::migrated().await?;
+    let bus = Bus::new().await?;
+    // Another session's claim of "holder" on /w/held, not yet committed: a claim of a run on the
+    // same root must wait for it at the workspace-lock index. Taken before the replica starts,
+    // so its first pass cannot claim "holder" itself.
+    let now = db_now(&pool).await?;
+    create_on_root(&pool, "holder", Some("/w/held"), now).await?;
+    let mut other = pool.get().await?;
+    let other_tx = other.transaction().await?;
+    other_tx
+        .execute(
+            "UPDATE runs SET status = 'running' WHERE run_id = 'holder'",
+            &[],
+        )
+        .await?;
+    let (trigger, running) = start_woken_scheduler(&pool, &bus, 2);
+    let subject = tandem_bus::wake_scheduler_subject(&bus.prefix);
+    let wake = || tandem_bus::wake(&bus.client, subject.clone());
+    let result = async {
+        create_on_root(&pool, "blocked", Some("/w/held"), now + 1).await?;
+        eventually(
+            "a pass to wait on the workspace lock",
+            Duration::from_secs(20),
+            || async {
+                wake().await?;
+                Ok(lock_waiters(&pool).await? > 0)
+            },
+        )
+        .await?;
+        // That pass has not committed; a wake-up still gets "free" claimed by a second pass.
+        create_on_root(&pool, "free", None, now + 2).await?;
+        eventually(
+            "a second pass to claim free",
+            Duration::from_secs(10),
+            || async {
+                wake().await?;
+                Ok(!is_queued(&pool, "free").await?)
+            },
+        )
+        .await?;
+        ensure!(is_queued(&pool, "blocked").await?, "blocked was claimed");
+        anyhow::Ok(())
+    }
+    .await;
+    // The other session gives up its claim: the waiting pass claims "blocked".
+    other_tx.rollback().await?;
+    let result = match result {
+        Ok(()) => {
+            eventually(
+                "the first pass to claim blocked",
+                Duration::from_secs(10),
+                || async { Ok(!is_queued(&pool, "blocked").await?) },
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    trigger.trigger();
+    running.await??;
+    result?;
+    drop(other);
     drop(pool);
     bus.cleanup().await?;
     db.drop_db().await

@@ -128,6 +128,24 @@ async fn invalid_lifecycle_setting_stops_startup_naming_the_variable() -> anyhow
 }
 
 #[tokio::test]
+async fn scheduler_refuses_a_pool_too_small_for_its_claim_passes() -> anyhow::Result<()> {
+    let prefix = unique("t");
+    // Checked before anything is contacted: no database is needed.
+    let mut env = base_env("postgres://127.0.0.1:1/none", &prefix, free_port()?);
+    env.push(("TANDEM_DATABASE_POOL_SIZE", "2".into()));
+    env.push(("TANDEM_SCHEDULER_CLAIM_CONCURRENCY", "2".into()));
+    let mut svc = Proc::start("tandem-scheduler", &[], &env)?;
+    let status = svc.wait(EXIT_TIMEOUT).await?;
+    let stderr = svc.stderr();
+    ensure!(status.code() == Some(2), "exit {status}; stderr:\n{stderr}");
+    ensure!(
+        stderr.contains("TANDEM_DATABASE_POOL_SIZE") && stderr.contains("CLAIM_CONCURRENCY"),
+        "stderr:\n{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn service_waits_for_nats_and_stops_cleanly_meanwhile() -> anyhow::Result<()> {
     let (db, pool) = TestDb::migrated().await?;
     drop(pool);

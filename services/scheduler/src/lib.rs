@@ -6,9 +6,10 @@
 //! * **Claim loop** ([`Scheduler::claim_once`]): one transaction per batch under the fleet-wide
 //!   claim lock (`tandem_store::claim_runs`): capacity, workspace lock, runtime-context failure,
 //!   launch hold, `lease_epoch + 1`, then `dispatch_ready_nodes` on what became running; the tasks
-//!   and events go to the outbox in the same transaction. A full batch is followed at once by the
-//!   next; otherwise the loop waits for a wake-up (`tandem.wake.scheduler`, core NATS) or a
-//!   jittered poll.
+//!   and events go to the outbox in the same transaction. Up to `claim_concurrency` passes are in
+//!   flight (a wake-up during a pass starts the next at once; passes take disjoint runs). A full
+//!   batch starts the next pass at once; otherwise the loop
+//!   waits for a wake-up (`tandem.wake.scheduler`, core NATS) or a jittered poll.
 //! * **Results** ([`Scheduler::run_results`]): one durable pull consumer on `TANDEM_RESULTS`
 //!   shared by every replica. A result is applied in one transaction (`apply_task_result`, fenced
 //!   by attempt and lease epoch: a stale result is dropped and counted), then acknowledged. A
@@ -445,45 +446,63 @@ impl Scheduler {
         Ok(s)
     }
 
-    /// The claim loop, until `shutdown` (the transaction in progress finishes first).
+    /// The claim loop, until `shutdown` (the passes in flight finish first). Up to
+    /// `claim_concurrency` passes run at once: a wake-up that arrives while a pass is still
+    /// writing starts another, so a run enqueued then waits for its own pass only. A full batch
+    /// starts the next pass at once; otherwise the next starts on a wake-up or after a jittered
+    /// poll. A failed pass holds every new pass off for a growing back-off.
     pub async fn run_claim_loop(&self, shutdown: Shutdown) {
         let poll = self.inner.config.poll_interval;
-        let mut failures =
-            backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+        let max_in_flight = self.inner.config.claim_concurrency.max(1);
+        let fresh_backoff =
+            || backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+        let mut failures = fresh_backoff();
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        // When the next pass starts (once a slot is free), and the back-off floor under it.
+        let mut next_pass = tokio::time::Instant::now();
+        let mut not_before = next_pass;
         loop {
-            if shutdown.is_triggered() {
-                return;
-            }
-            let pass = self.claim_once().await;
-            let waiting = match &pass {
-                Ok(s) => s.full_batch || s.waiting_capacity > 0 || s.waiting_workspace_lock > 0,
-                Err(_) => true,
-            };
-            self.inner.runs_waiting.store(waiting, Ordering::Relaxed);
-            let wait = match pass {
-                Ok(s) if s.full_batch && s.claimed > 0 => {
-                    failures =
-                        backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
-                    continue;
-                }
-                Ok(_) => {
-                    failures =
-                        backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
-                    backoff::jittered(poll, 0.5)
-                }
-                Err(e) => {
-                    let d = failures.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "claim pass failed");
-                    metrics::counter!("tandem_scheduler_claim_errors_total").increment(1);
-                    d
-                }
-            };
+            let slot_free = in_flight.len() < max_in_flight;
             tokio::select! {
-                () = shutdown.wait() => return,
-                () = self.inner.wake.notified() => {}
-                () = tokio::time::sleep(wait) => {}
+                biased;
+                () = shutdown.wait() => break,
+                Some(pass) = in_flight.next(), if !in_flight.is_empty() => {
+                    let pass: Result<ClaimSummary, StoreError> = pass;
+                    let waiting = match &pass {
+                        Ok(s) => s.full_batch || s.waiting_capacity > 0
+                            || s.waiting_workspace_lock > 0,
+                        Err(_) => true,
+                    };
+                    self.inner.runs_waiting.store(waiting, Ordering::Relaxed);
+                    let now = tokio::time::Instant::now();
+                    match pass {
+                        Ok(s) => {
+                            failures = fresh_backoff();
+                            if s.full_batch && s.claimed > 0 {
+                                next_pass = next_pass.min(now);
+                            }
+                        }
+                        Err(e) => {
+                            let d = failures.next_delay();
+                            tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64,
+                                "claim pass failed");
+                            metrics::counter!("tandem_scheduler_claim_errors_total").increment(1);
+                            not_before = now + d;
+                            next_pass = not_before;
+                        }
+                    }
+                }
+                () = self.inner.wake.notified(), if slot_free => {
+                    next_pass = next_pass.min(tokio::time::Instant::now().max(not_before));
+                }
+                () = tokio::time::sleep_until(next_pass), if slot_free => {
+                    in_flight.push(self.claim_once());
+                    next_pass = tokio::time::Instant::now() + backoff::jittered(poll, 0.5);
+                }
             }
         }
+        // The passes in flight commit (or roll back) before the loop returns.
+        while in_flight.next().await.is_some() {}
     }
 
     /// Re-evaluates claimed (`running`/`pausing`) runs once with `dispatch_ready_nodes`, in

@@ -28,6 +28,17 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli: Cli = tandem_runtime::parse_cli(&INFO);
     let config = cli.scheduler.config();
+    // Each claim pass holds its transaction's connection and briefly a second one (the capacity
+    // reservation), so the pool must leave one over.
+    let pool_size = usize::from(cli.common.database.database_pool_size);
+    if pool_size <= config.claim_concurrency {
+        eprintln!(
+            "{}: error: TANDEM_DATABASE_POOL_SIZE ({pool_size}) must exceed \
+             TANDEM_SCHEDULER_CLAIM_CONCURRENCY ({})",
+            INFO.name, config.claim_concurrency
+        );
+        return ExitCode::from(tandem_runtime::EXIT_CONFIG);
+    }
     tandem_runtime::run(INFO, cli.common, |ctx| async move {
         let scheduler = Scheduler::new(
             ctx.pool.clone(),

@@ -1,21 +1,25 @@
 //! The scheduler's batch claim (spec §3.4; DESIGN §4 guarantees 1 and 4).
 //!
-//! Two transactions per batch. Only the first, a few statements long, is serialized fleet-wide
-//! (transaction-scoped advisory lock [`CLAIM_LOCK_KEY`]); the claim itself runs concurrently on
-//! every replica:
+//! Two transactions per batch, on two connections. Only the second, one statement, is serialized
+//! fleet-wide (transaction-scoped advisory lock [`CLAIM_LOCK_KEY`]); the claim itself runs
+//! concurrently on every replica:
 //!
-//! 1. **Reserve.** One statement, its own transaction (a database function, migration V7): if
-//!    any run is queued, under the lock, the number of `running` runs from a trigger-maintained
-//!    ledger in O(1), and the slots other claims hold reserved ([`RUNNING_COUNT_SQL`]; upstream
-//!    counts capacity on `running` only; `pausing` holds the workspace lock but not capacity).
-//!    Free = `TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS − running − reserved`; up to a batch of it is
-//!    reserved (a ledger row that expires after [`RESERVATION_SECS`]) and committed, not durably
-//!    (a reservation lost in a crash only frees its slots).
-//! 2. **Claim** (no fleet lock). The oldest queued runs (`created_at_ms, run_id`, the
-//!    `runs_queued_idx` order), `FOR UPDATE SKIP LOCKED`, so concurrent claims take disjoint
-//!    runs and a run another writer holds (an operator cancelling it, say) is skipped.
-//! 3. The workspace roots among them that a `running|pausing` run holds (one indexed probe of
-//!    `runs_workspace_lock_idx`).
+//! 1. **Candidates** (the claim transaction, no fleet lock). The oldest queued runs
+//!    (`created_at_ms, run_id`, the `runs_queued_idx` order), `FOR UPDATE SKIP LOCKED`, so
+//!    concurrent claims take disjoint runs and a run another writer holds (an operator
+//!    cancelling it, say) is skipped. None: nothing more happens (no lock, no reservation).
+//! 2. **Reserve**, on a second pooled connection, beside step 3. One statement, its own
+//!    transaction (a database function, migration V7): under the lock, the number of `running`
+//!    runs from a trigger-maintained ledger in O(1), and the slots other claims hold reserved
+//!    ([`RUNNING_COUNT_SQL`]; upstream counts capacity on `running` only; `pausing` holds the
+//!    workspace lock but not capacity). Free = `TANDEM_SCHEDULER_MAX_CONCURRENT_RUNS − running −
+//!    reserved`; as many slots as there are candidates, at most the free ones, are reserved (a
+//!    ledger row that expires after [`RESERVATION_SECS`]) and committed, not durably (a
+//!    reservation lost in a crash only frees its slots). Sized to the locked candidates, a pass
+//!    never holds slots it cannot fill, so concurrent passes (other replicas, or this one's
+//!    next) share the capacity.
+//! 3. The workspace roots among the candidates that a `running|pausing` run holds (one indexed
+//!    probe of `runs_workspace_lock_idx`).
 //! 4. Per candidate, in order, as upstream's admission does: a held root (or one claimed earlier in
 //!    this batch) → wait with `workspace_lock` and `resource_key` = the root; no reserved slot
 //!    left → wait with `capacity`; otherwise core [`claim_run`] on the locked row with a
@@ -42,7 +46,7 @@ use std::collections::HashSet;
 
 use crate::transition::{Changed, LoadedRun, LockedRow, WriteResult, load_envs, write_changed};
 use crate::{Applied, LeaseEpoch, StoreError, StoreSettings, TransitionEnv};
-use deadpool_postgres::{Client, Pool, Transaction};
+use deadpool_postgres::{Pool, Transaction};
 use serde_json::Value;
 use tandem_core::claim::{ClaimOutcome, claim_run};
 use tandem_core::governance::GovernanceSnapshot;
@@ -233,7 +237,9 @@ fn wait_transition(
     })
 }
 
-/// Claims queued runs fleet-wide; see the module documentation for the algorithm.
+/// Claims queued runs fleet-wide; see the module documentation for the algorithm. Uses two of
+/// the pool's connections at once (the claim transaction and, briefly, the reservation), so the
+/// pool needs at least two.
 ///
 /// `dispatch` runs on each run that became `running`, with the row fenced by the new lease epoch
 /// (`env.lease_epoch`); it is where the caller dispatches runnable nodes, opens gates or derives
@@ -252,20 +258,51 @@ where
     if batch == 0 {
         return Ok(ClaimReport::default());
     }
+    if pool.status().max_size < 2 {
+        return Err(StoreError::Config(
+            "a claim needs a connection pool of at least 2 connections".into(),
+        ));
+    }
     let mut client = pool.get().await?;
-    // Nothing queued: no fleet-wide lock was taken at all.
-    let Some(reservation) = reserve_capacity(&client, batch, limits.max_concurrent_runs).await?
-    else {
+    let tx = client.transaction().await?;
+    let candidates = select_candidates(&tx, batch).await?;
+    if candidates.is_empty() {
+        // Nothing queued (or every queued run is being claimed): no lock, no reservation.
+        tx.rollback().await?;
         return Ok(ClaimReport::default());
+    }
+    let (reservation, held) = futures::join!(
+        reserve_capacity(pool, candidates.len(), limits.max_concurrent_runs),
+        held_roots(&tx, &candidates)
+    );
+    let (reservation, held) = match (reservation, held) {
+        (Ok(r), Ok(h)) => (r, h),
+        (Ok(r), Err(e)) => {
+            release_reservation_now(pool, &r).await;
+            return Err(e);
+        }
+        (Err(e), _) => return Err(e),
     };
-    let limits = ClaimLimits { batch, ..limits };
-    let result = claim_set(&mut client, limits, &reservation, settings, &mut dispatch).await;
-    if let (Err(_), Some(id)) = (&result, reservation.id) {
-        // Give the slots back now rather than at expiry (best effort: on a broken connection
-        // the expiry does it).
-        let _ = client.execute(RELEASE_RESERVATION_SQL, &[&id]).await;
+    let start = ClaimStart {
+        full_batch: candidates.len() == batch,
+        rows: candidates,
+        held,
+    };
+    let result = claim_set(tx, &reservation, start, settings, &mut dispatch).await;
+    if result.is_err() {
+        release_reservation_now(pool, &reservation).await;
     }
     result
+}
+
+/// Gives the slots back now rather than at expiry (best effort: on a broken connection the
+/// expiry does it).
+async fn release_reservation_now(pool: &Pool, reservation: &Reservation) {
+    if let Some(id) = reservation.id
+        && let Ok(client) = pool.get().await
+    {
+        let _ = client.execute(RELEASE_RESERVATION_SQL, &[&id]).await;
+    }
 }
 
 /// Slots a claim may fill, reserved fleet-wide.
@@ -277,35 +314,30 @@ struct Reservation {
     id: Option<uuid::Uuid>,
 }
 
-/// Reserves up to `batch` slots of free capacity under the claim lock (the only part of a claim
-/// that replicas serialize on), in one statement that is its own transaction. `None`: nothing is
-/// queued (no lock was taken).
-async fn reserve_capacity(
-    client: &Client,
-    batch: usize,
-    cap: u32,
-) -> Result<Option<Reservation>, StoreError> {
+/// Reserves up to `wanted` slots of free capacity under the claim lock (the only part of a claim
+/// that replicas serialize on), in one statement that is its own transaction, on a connection of
+/// its own (the claim transaction holds the candidates meanwhile).
+async fn reserve_capacity(pool: &Pool, wanted: usize, cap: u32) -> Result<Reservation, StoreError> {
+    let client = pool.get().await?;
     let stmt = client.prepare_cached(RESERVE_CAPACITY_SQL).await?;
-    let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+    let wanted = i64::try_from(wanted).unwrap_or(i64::MAX);
     let row = client
         .query_one(
             &stmt,
             &[
                 &CLAIM_LOCK_KEY,
-                &batch,
+                &wanted,
                 &i64::from(cap),
                 &f64::from(RESERVATION_SECS),
             ],
         )
         .await?;
-    if !row.try_get::<_, bool>(0)? {
-        return Ok(None);
-    }
-    Ok(Some(Reservation {
+    // Column 0 ("any run queued") is true here: the candidates are queued, only locked.
+    Ok(Reservation {
         running_before: row.try_get(1)?,
         slots: row.try_get(2)?,
         id: row.try_get(3)?,
-    }))
+    })
 }
 
 /// Gives the reservation back inside the claim transaction, in the same commit as the claims
@@ -324,12 +356,15 @@ struct ClaimStart {
     full_batch: bool,
 }
 
-async fn claim_start(tx: &Transaction<'_>, batch: usize) -> Result<ClaimStart, StoreError> {
+/// The oldest queued runs nobody else holds, locked.
+async fn select_candidates(tx: &Transaction<'_>, batch: usize) -> Result<Vec<Row>, StoreError> {
     let select = tx.prepare_cached(CLAIM_CANDIDATES_SQL).await?;
-    let batch_i64 = i64::try_from(batch).unwrap_or(1);
-    let rows = tx.query(&select, &[&batch_i64]).await?;
-    let full_batch = rows.len() == batch;
+    let batch = i64::try_from(batch).unwrap_or(1);
+    Ok(tx.query(&select, &[&batch]).await?)
+}
 
+/// The candidates' workspace roots that a `running|pausing` run holds.
+async fn held_roots(tx: &Transaction<'_>, rows: &[Row]) -> Result<HashSet<String>, StoreError> {
     let mut roots: Vec<String> = rows
         .iter()
         .filter_map(|r| r.try_get::<_, Option<String>>(4).ok().flatten())
@@ -343,11 +378,7 @@ async fn claim_start(tx: &Transaction<'_>, batch: usize) -> Result<ClaimStart, S
             held.insert(r.try_get(0)?);
         }
     }
-    Ok(ClaimStart {
-        rows,
-        held,
-        full_batch,
-    })
+    Ok(held)
 }
 
 /// A candidate row and its workspace root; an unreadable row becomes its report item.
@@ -479,9 +510,9 @@ enum Plan<D> {
 /// The claim: decisions in memory, then one statement per table for the whole batch (see
 /// `crate::write`; when that fails, run by run under savepoints, so only a bad run stays queued).
 async fn claim_set<D, F>(
-    client: &mut Client,
-    limits: ClaimLimits,
+    mut tx: Transaction<'_>,
     reservation: &Reservation,
+    start: ClaimStart,
     settings: &StoreSettings,
     dispatch: &mut F,
 ) -> Result<ClaimReport<D>, StoreError>
@@ -489,12 +520,11 @@ where
     F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<D>,
 {
     let running_before = reservation.running_before;
-    let mut tx = client.transaction().await?;
     let ClaimStart {
         rows,
         mut held,
         full_batch,
-    } = claim_start(&tx, limits.batch).await?;
+    } = start;
 
     // Decide who waits and who is claimed from the row alone (no parse for runs whose recorded
     // wait reason is already right), then load what the rest need in three set queries.

@@ -42,8 +42,9 @@ pub use migrate::{
     MIGRATIONS, Migration, MigrationReport, check_schema, latest_version, migrate, schema_version,
 };
 pub use outbox::{
-    OutboxKind, OutboxRow, TASK_ROW_TYPE, claim_outbox, claim_outbox_for_runs, claim_outbox_sql,
-    engine_event, mark_outbox_published, outbox_rows, release_outbox, unpublished_outbox,
+    OutboxKind, OutboxRow, TASK_ROW_TYPE, claim_outbox, claim_outbox_for_runs,
+    claim_outbox_for_runs_sql, claim_outbox_sql, engine_event, mark_outbox_published, outbox_rows,
+    release_outbox, unpublished_outbox,
 };
 pub use pool::{DEFAULT_POOL_SIZE, connect, connect_with_size};
 pub use queries::{
