@@ -112,7 +112,7 @@ async fn decide(
         run_id,
         Fence::Unfenced,
         &StoreSettings::new(gates),
-        |run, env| match env.automation.as_ref() {
+        |run, env| match env.automation.as_deref() {
             Some(a) => decide_gate(run, a, &gates, &request, env.now_ms),
             None => Transition::unchanged(GateDecisionOutcome::GateMissing),
         },
@@ -686,7 +686,7 @@ async fn expiry_racing_a_decision_in_flight_skips_it_and_never_acts() -> anyhow:
         tokio::spawn(async move {
             let request = GateDecisionRequest::new("approve", GovernanceActorRef::human("alice"));
             tandem_store::transition_run(&pool, "race", Fence::Unfenced, &settings(), |run, env| {
-                let t = match env.automation.as_ref() {
+                let t = match env.automation.as_deref() {
                     Some(a) => decide_gate(run, a, &defaults(), &request, env.now_ms),
                     None => Transition::unchanged(GateDecisionOutcome::GateMissing),
                 };

@@ -123,7 +123,7 @@ async fn claim_dispatching(
     Ok(
         tandem_store::claim_runs(pool, limits, &settings(), |run, env| {
             let Some(a) =
-                tandem_core::claim::claim_automation(run, env.automation.as_ref()).cloned()
+                tandem_core::claim::claim_automation(run, env.automation.as_deref()).cloned()
             else {
                 return Transition::unchanged(None);
             };
@@ -684,7 +684,7 @@ async fn lease_epoch_strictly_increases_across_reclaims_and_fences_old_results()
                 let a = run
                     .automation_snapshot
                     .clone()
-                    .unwrap_or_else(|| chain_spec("x", 1));
+                    .unwrap_or_else(|| chain_spec("x", 1).into());
                 apply_task_result(run, &a, &result, env.lease_epoch.0, &GATES, env.now_ms)
             })
             .await

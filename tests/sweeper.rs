@@ -965,9 +965,7 @@ async fn untested_stuck_pausing_runs_settle_to_paused_only_when_their_tasks_are_
         insert(&pool, &pausing("pausing-live", now - 10 * SEC, 1), 1, now).await?;
         // Task in flight, no activity for 10 minutes (node timeout 60 s + 60 s grace): settled.
         let mut gone = pausing("pausing-gone", now - 10 * MIN, 1);
-        gone.automation_snapshot
-            .as_mut()
-            .context("snapshot")?
+        std::sync::Arc::make_mut(gone.automation_snapshot.as_mut().context("snapshot")?)
             .workspace_root = Some("/ws/pausing".into());
         insert(&pool, &gone, 1, now - 10 * MIN).await?;
         // Nothing in flight under the current epoch (an orphan of epoch 0): settled at once.

@@ -3,14 +3,23 @@
 //! Both execute the run's snapshot when it has one, else the live definition
 //! (`tandem_core::claim::claim_automation`): `pending_nodes` was built from the snapshot.
 
-use tandem_core::claim::claim_automation;
+use std::sync::Arc;
 use tandem_core::config::GatePolicyDefaults;
 use tandem_core::execution::{
     DispatchOutcome, ResultOutcome, apply_task_result, dispatch_ready_nodes,
 };
 use tandem_core::protocol::TaskResult;
-use tandem_core::{AutomationV2RunRecord, Transition};
+
+use tandem_core::{AutomationV2RunRecord, AutomationV2Spec, Transition};
 use tandem_store::TransitionEnv;
+
+/// The definition [`tandem_core::claim::claim_automation`] picks (the snapshot, else the live one), shared rather
+/// than copied, since the transition borrows the run mutably.
+fn definition(run: &AutomationV2RunRecord, env: &TransitionEnv) -> Option<Arc<AutomationV2Spec>> {
+    run.automation_snapshot
+        .clone()
+        .or_else(|| env.automation.clone())
+}
 
 /// What the dispatch after a claim did (`None`: the run has no definition to execute).
 pub(crate) type Dispatched = Option<DispatchOutcome>;
@@ -22,7 +31,7 @@ pub(crate) fn dispatch(
     env: &TransitionEnv,
     defaults: &GatePolicyDefaults,
 ) -> Transition<Dispatched> {
-    let Some(automation) = claim_automation(run, env.automation.as_ref()).cloned() else {
+    let Some(automation) = definition(run, env) else {
         tracing::warn!(run_id = %run.run_id, automation_id = %run.automation_id,
             "claimed run has neither a snapshot nor a stored definition; nothing to dispatch");
         return Transition::unchanged(None);
@@ -50,7 +59,7 @@ pub(crate) fn apply_result(
     result: &TaskResult,
     defaults: &GatePolicyDefaults,
 ) -> Transition<ResultDisposition> {
-    let Some(automation) = claim_automation(run, env.automation.as_ref()).cloned() else {
+    let Some(automation) = definition(run, env) else {
         return Transition::unchanged(ResultDisposition::Dropped("no_automation".into()));
     };
     let t = apply_task_result(

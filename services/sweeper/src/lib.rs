@@ -247,7 +247,7 @@ pub fn reap_transition(
 ) -> Transition<ReapOutcome> {
     let mut tr = reap_stale_run(
         run,
-        env.automation.as_ref(),
+        env.automation.as_deref(),
         env.activity_at_ms,
         stale_running_ms,
         env.now_ms,
@@ -287,7 +287,7 @@ pub fn settle_pausing_transition(
     }
     let in_flight = !in_flight_nodes(run, env.lease_epoch.0).is_empty();
     if in_flight {
-        let def = claim_automation(run, env.automation.as_ref());
+        let def = claim_automation(run, env.automation.as_deref());
         let stale_after_ms = effective_stale_after_ms(run, def, stale_running_ms);
         let idle_ms = env
             .now_ms
@@ -323,7 +323,7 @@ pub fn recover_decision_transition(
     run: &mut AutomationV2RunRecord,
     env: &TransitionEnv,
 ) -> Transition<bool> {
-    match env.automation.as_ref() {
+    match env.automation.as_deref() {
         Some(automation) => recover_settled_decision(run, automation, env.now_ms),
         None => Transition::unchanged(false),
     }
@@ -766,10 +766,10 @@ impl Sweeper {
                     &self.inner.store_gov,
                     CANCEL_REASON_STALE,
                     |run, env| {
-                        let gov = env.governance.as_ref().unwrap_or(&empty);
+                        let gov = env.governance.as_deref().unwrap_or(&empty);
                         auto_resume_stale_reaped(
                             run,
-                            env.automation.as_ref(),
+                            env.automation.as_deref(),
                             gov,
                             &stale,
                             env.now_ms,
@@ -791,8 +791,13 @@ impl Sweeper {
                     &self.inner.store_gov,
                     CANCEL_REASON_STALE,
                     |run, env| {
-                        let gov = env.governance.as_ref().unwrap_or(&empty);
-                        auto_resume_guardrail_stopped(run, env.automation.as_ref(), gov, env.now_ms)
+                        let gov = env.governance.as_deref().unwrap_or(&empty);
+                        auto_resume_guardrail_stopped(
+                            run,
+                            env.automation.as_deref(),
+                            gov,
+                            env.now_ms,
+                        )
                     },
                     |o| resume_verdict(o, "guardrail"),
                 )
@@ -974,8 +979,8 @@ impl Sweeper {
                     &self.inner.store_gov,
                     CANCEL_REASON_SPEND_CAP,
                     |run, env| {
-                        let gov = env.governance.as_ref().unwrap_or(&empty);
-                        spend::spend_cap_hard_stop(run, env.automation.as_ref(), gov, env.now_ms)
+                        let gov = env.governance.as_deref().unwrap_or(&empty);
+                        spend::spend_cap_hard_stop(run, env.automation.as_deref(), gov, env.now_ms)
                     },
                     |o| match o {
                         spend::HardStopOutcome::Paused { .. } => Verdict::Acted("run_hard_stopped"),

@@ -17,6 +17,8 @@
 //! * launch hold: upstream's fields and `run_launch_held` record are kept exactly, and the
 //!   protected audit [`AUDIT_LAUNCH_HELD`] is added (a governance stop is audit-worthy).
 
+use std::sync::Arc;
+
 use crate::effects::{Transition, update};
 use crate::governance::{GovernanceSnapshot, agent_set};
 use crate::model::{
@@ -56,7 +58,7 @@ pub fn claim_automation<'a>(
     run: &'a AutomationV2RunRecord,
     live: Option<&'a AutomationV2Spec>,
 ) -> Option<&'a AutomationV2Spec> {
-    run.automation_snapshot.as_ref().or(live)
+    run.automation_snapshot.as_deref().or(live)
 }
 
 /// The agents that hold a launch (spec §3.5): spend-paused without their own unexpired quota
@@ -106,13 +108,18 @@ pub fn claim_run(
     if run.status != AutomationRunStatus::Queued {
         return Transition::unchanged(ClaimOutcome::NotQueued(run.status));
     }
-    let resolved = claim_automation(run, automation).cloned();
+    // The snapshot is shared; only a run without one copies the live definition (it becomes
+    // the run's snapshot below).
+    let resolved = run
+        .automation_snapshot
+        .clone()
+        .or_else(|| automation.cloned().map(Arc::new));
     // A JSON null is no context at all.
     let computed = computed_runtime_context.filter(|v| !v.is_null());
     let stored_present = run.runtime_context.as_ref().is_some_and(|v| !v.is_null());
     let required = resolved
         .as_ref()
-        .is_some_and(AutomationV2Spec::requires_runtime_context);
+        .is_some_and(|a| a.requires_runtime_context());
 
     if required && computed.is_none() && !stored_present {
         let mut tr = update(run, now, |row, fx| {
@@ -536,7 +543,7 @@ mod tests {
             T0,
         );
         assert_eq!(tr.outcome, ClaimOutcome::Claimed);
-        assert_eq!(run.automation_snapshot.as_ref(), Some(&live));
+        assert_eq!(run.automation_snapshot.as_deref(), Some(&live));
     }
 
     #[test]

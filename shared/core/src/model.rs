@@ -550,7 +550,9 @@ pub struct AutomationV2RunRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_context: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub automation_snapshot: Option<AutomationV2Spec>,
+    /// Shared, not copied, between the record, its transition environment and the writes made
+    /// from it: a spec is the largest part of a run and transitions never change it.
+    pub automation_snapshot: Option<std::sync::Arc<AutomationV2Spec>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -621,7 +623,7 @@ impl AutomationV2RunRecord {
                 ..Default::default()
             },
             runtime_context: None,
-            automation_snapshot: Some(snapshot),
+            automation_snapshot: Some(std::sync::Arc::new(snapshot)),
             pause_reason: None,
             resume_reason: None,
             detail: None,

@@ -730,7 +730,7 @@ pub fn guardrail_stop_cause(run: &AutomationV2RunRecord) -> Option<&AutomationLi
 
 /// Whether the automation is paused now: the live definition's status, else the snapshot's.
 fn automation_is_paused(run: &AutomationV2RunRecord, live: Option<&AutomationV2Spec>) -> bool {
-    live.or(run.automation_snapshot.as_ref())
+    live.or(run.automation_snapshot.as_deref())
         .is_some_and(|a| a.status == AutomationStatus::Paused)
 }
 
@@ -2268,7 +2268,7 @@ mod tests {
         let mut nobody = s.clone();
         nobody.agents.clear();
         let mut run = guardrail_held_run(&s, &paused_gov(&["agent-writer"]));
-        run.automation_snapshot = Some(nobody);
+        run.automation_snapshot = Some(std::sync::Arc::new(nobody));
         let tr = auto_resume_guardrail_stopped(&mut run, None, &gov, NOW);
         assert_eq!(tr.outcome, AutoResumeOutcome::NoAgents);
 

@@ -93,9 +93,7 @@ pub struct PublishOutcome {
 
 /// Builds the JetStream message for an outbox row (subject from the fleet's prefix).
 pub fn outgoing_message(prefix: &Prefix, row: &OutboxRow) -> Result<OutgoingMessage, BusError> {
-    let payload = serde_json::to_vec(&row.payload)
-        .map_err(|e| BusError::InvalidMessage(format!("outbox row {}: {e}", row.id)))?;
-    let payload = Bytes::from(payload);
+    let payload = Bytes::copy_from_slice(row.payload.as_bytes());
     Ok(match &row.kind {
         OutboxKind::Event => OutgoingMessage::event(
             prefix,

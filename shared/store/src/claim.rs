@@ -47,7 +47,7 @@ use std::collections::HashSet;
 use crate::transition::{Changed, LoadedRun, LockedRow, WriteResult, load_envs, write_changed};
 use crate::{Applied, LeaseEpoch, StoreError, StoreSettings, TransitionEnv};
 use deadpool_postgres::{Pool, Transaction};
-use serde_json::Value;
+use serde_json::value::RawValue;
 use tandem_core::claim::{ClaimOutcome, claim_run};
 use tandem_core::governance::GovernanceSnapshot;
 use tandem_core::{
@@ -194,17 +194,24 @@ impl<D> ClaimReport<D> {
     }
 }
 
-/// Whether the stored doc already says the run waits for `reason` on `key`.
-fn same_wait(doc: &Value, reason: QueueReason, key: Option<&str>) -> bool {
-    let Some(meta) = doc.get("scheduler") else {
-        return false;
-    };
-    let want = match serde_json::to_value(reason) {
-        Ok(v) => v,
-        Err(_) => return false,
-    };
-    meta.get("queue_reason") == Some(&want)
-        && meta.get("resource_key").and_then(Value::as_str) == key
+/// Whether the stored doc already says the run waits for `reason` on `key`. Reads only the
+/// doc's `scheduler` member (the rest is skipped, not parsed into anything).
+fn same_wait(doc: &RawValue, reason: QueueReason, key: Option<&str>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Wait {
+        queue_reason: Option<QueueReason>,
+        resource_key: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        scheduler: Option<Wait>,
+    }
+    match serde_json::from_str::<Doc>(doc.get()) {
+        Ok(Doc { scheduler: Some(w) }) => {
+            w.queue_reason == Some(reason) && w.resource_key.as_deref() == key
+        }
+        _ => false,
+    }
 }
 
 /// Records why a queued run waits (spec §3.0: persisted only when it differs).
@@ -415,8 +422,8 @@ where
     F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<D>,
 {
     let empty = GovernanceSnapshot::default();
-    let governance = env.governance.as_ref().unwrap_or(&empty);
-    let claim = claim_run(run, env.automation.as_ref(), None, governance, env.now_ms);
+    let governance = env.governance.as_deref().unwrap_or(&empty);
+    let claim = claim_run(run, env.automation.as_deref(), None, governance, env.now_ms);
     if claim.outcome != ClaimOutcome::Claimed {
         return Transition {
             outcome: (claim.outcome, None),
@@ -695,7 +702,7 @@ where
     }
 
     // One set-based write for every changed run (run by run if that fails).
-    let written = write_changed(&mut tx, &changed, settings, false).await?;
+    let written = write_changed(&mut tx, &mut changed, settings, false).await?;
     let any_changed = written.iter().any(Result::is_ok);
     let mut changed: Vec<Option<(Changed<Plan<D>>, WriteResult)>> =
         changed.into_iter().zip(written).map(Some).collect();
@@ -771,14 +778,22 @@ mod tests {
 
     #[test]
     fn same_wait_compares_reason_and_key() {
-        let doc = json!({"scheduler": {"queue_reason": "workspace_lock", "resource_key": "/w"}});
+        let raw = |v: serde_json::Value| serde_json::value::to_raw_value(&v).expect("serializes");
+        let doc = raw(
+            json!({"run_id": "r", "scheduler": {"queue_reason": "workspace_lock",
+            "resource_key": "/w", "queued_at_ms": 1}, "checkpoint": {"x": [1, 2]}}),
+        );
         assert!(same_wait(&doc, QueueReason::WorkspaceLock, Some("/w")));
         assert!(!same_wait(&doc, QueueReason::WorkspaceLock, Some("/x")));
         assert!(!same_wait(&doc, QueueReason::Capacity, None));
-        let doc = json!({"scheduler": {"queue_reason": "capacity"}});
+        let doc = raw(json!({"scheduler": {"queue_reason": "capacity"}}));
         assert!(same_wait(&doc, QueueReason::Capacity, None));
-        assert!(!same_wait(&json!({}), QueueReason::Capacity, None));
-        let doc = json!({"scheduler": {"queue_reason": null}});
+        assert!(!same_wait(&raw(json!({})), QueueReason::Capacity, None));
+        let doc = raw(json!({"scheduler": {"queue_reason": null}}));
+        assert!(!same_wait(&doc, QueueReason::Capacity, None));
+        let doc = raw(json!({"scheduler": null}));
+        assert!(!same_wait(&doc, QueueReason::Capacity, None));
+        let doc = raw(json!({"scheduler": {"queue_reason": "no_such_reason"}}));
         assert!(!same_wait(&doc, QueueReason::Capacity, None));
     }
 }

@@ -16,40 +16,55 @@
 //! * a row that failed to publish is released with [`release_outbox`] and retried later.
 
 use crate::StoreError;
+use crate::convert::json_text;
 use deadpool_postgres::Pool;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use std::time::Duration;
 use tandem_core::protocol::TaskMessage;
-use tandem_core::{EventDraft, Millis};
+use tandem_core::{EventDraft, Millis, TenantContext};
 use uuid::Uuid;
 
 /// `outbox.event_type` of task rows (events carry their engine event type).
 pub const TASK_ROW_TYPE: &str = "task.dispatch";
 
 /// The upstream `EngineEvent` wire shape (spec §1.15) with its envelope filled in by the writer,
-/// so that every replica publishes byte-identical payloads for a row.
-pub fn engine_event(
-    e: &EventDraft,
-    event_id: Uuid,
-    occurred_at_ms: Millis,
-) -> Result<Value, StoreError> {
-    let mut envelope = Map::new();
-    envelope.insert("event_id".into(), Value::String(event_id.to_string()));
-    envelope.insert("schema_version".into(), json!(1));
-    envelope.insert("occurred_at_ms".into(), json!(occurred_at_ms));
-    envelope.insert("run_id".into(), Value::String(e.run_id.clone()));
-    if let Some(node) = &e.node_id {
-        envelope.insert("node_id".into(), Value::String(node.clone()));
+/// so that every replica publishes byte-identical payloads for a row. Serialized straight into
+/// the outbox row's `jsonb` (members in alphabetical order, as a JSON object map would have them).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EngineEvent<'a> {
+    pub envelope: EventEnvelope<'a>,
+    pub properties: &'a Value,
+    #[serde(rename = "type")]
+    pub event_type: &'a str,
+}
+
+/// The envelope of an [`EngineEvent`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventEnvelope<'a> {
+    pub event_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<&'a str>,
+    pub occurred_at_ms: Millis,
+    pub run_id: &'a str,
+    pub schema_version: u32,
+    pub tenant_context: &'a TenantContext,
+}
+
+/// The [`EngineEvent`] of a draft.
+pub fn engine_event(e: &EventDraft, event_id: Uuid, occurred_at_ms: Millis) -> EngineEvent<'_> {
+    EngineEvent {
+        envelope: EventEnvelope {
+            event_id: event_id.to_string(),
+            node_id: e.node_id.as_deref(),
+            occurred_at_ms,
+            run_id: &e.run_id,
+            schema_version: 1,
+            tenant_context: &e.tenant_context,
+        },
+        properties: &e.properties,
+        event_type: &e.event_type,
     }
-    envelope.insert(
-        "tenant_context".into(),
-        serde_json::to_value(&e.tenant_context)?,
-    );
-    Ok(json!({
-        "type": e.event_type,
-        "properties": e.properties,
-        "envelope": Value::Object(envelope),
-    }))
 }
 
 /// Where an outbox row goes.
@@ -73,8 +88,9 @@ pub struct OutboxRow {
     pub workspace_id: String,
     /// JetStream `Nats-Msg-Id`: the event's dedupe key or id, or the task id.
     pub dedupe_id: String,
-    /// The full `EngineEvent` JSON, or the [`TaskMessage`] JSON.
-    pub payload: Value,
+    /// The full `EngineEvent` JSON, or the [`TaskMessage`] JSON: the stored text, published as
+    /// is (never parsed by the relay).
+    pub payload: String,
     pub kind: OutboxKind,
 }
 
@@ -82,7 +98,7 @@ impl OutboxRow {
     /// The task of a task row (`None` for an event row, or a payload that is not a task).
     pub fn task(&self) -> Option<TaskMessage> {
         match self.kind {
-            OutboxKind::Task { .. } => serde_json::from_value(self.payload.clone()).ok(),
+            OutboxKind::Task { .. } => serde_json::from_str(&self.payload).ok(),
             OutboxKind::Event => None,
         }
     }
@@ -113,7 +129,10 @@ fn outbox_row(r: &tokio_postgres::Row) -> Result<OutboxRow, StoreError> {
         org_id: r.try_get(4)?,
         workspace_id: r.try_get(5)?,
         dedupe_id: r.try_get(6)?,
-        payload: r.try_get(7)?,
+        payload: json_text(r, 7)?
+            .ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} has no payload")))?
+            .get()
+            .to_owned(),
         kind,
     })
 }

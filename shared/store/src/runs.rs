@@ -1,6 +1,8 @@
 //! Runs: creation, reads, the minimal fenced claim and activity heartbeats.
 
-use crate::convert::{ms_from_db, ms_to_db, opt_ms_from_db, opt_ms_to_db, run_doc, run_from_doc};
+use crate::convert::{
+    json_text, ms_from_db, ms_to_db, opt_ms_from_db, opt_ms_to_db, run_doc, run_from_doc,
+};
 use crate::write::{RunRecords, insert_run_records};
 use crate::{LeaseEpoch, StoreError, StoreSettings, StoredRun};
 use deadpool_postgres::Pool;
@@ -70,7 +72,8 @@ pub async fn create_run(
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let hot = HotColumns::of(run, settings)?;
-    let doc = run_doc(run)?;
+    // A copy to serialize from: a new run's history is a record or two, and its snapshot is shared.
+    let doc = run_doc(&mut run.clone())?;
     let stmt = tx
         .prepare_cached(&format!(
             "INSERT INTO runs (run_id, automation_id, org_id, workspace_id, status, lease_epoch,
@@ -122,7 +125,10 @@ pub(crate) const RUN_COLUMNS: &str = "r.doc, r.lease_epoch, r.activity_at_ms, r.
 
 pub(crate) fn stored_run_from_row(row: &Row) -> Result<StoredRun, StoreError> {
     Ok(StoredRun {
-        run: run_from_doc(row.try_get(0)?, row.try_get(4)?)?,
+        run: run_from_doc(
+            &json_text(row, 0)?.ok_or_else(|| StoreError::Corrupt("a run has no doc".into()))?,
+            json_text(row, 4)?.as_deref(),
+        )?,
         lease_epoch: LeaseEpoch(row.try_get(1)?),
         activity_at_ms: ms_from_db(row.try_get(2)?, "activity_at_ms")?,
         next_action_at_ms: opt_ms_from_db(row.try_get(3)?, "next_action_at_ms")?,

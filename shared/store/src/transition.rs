@@ -16,16 +16,17 @@
 
 use std::collections::HashMap;
 
-use crate::convert::{ms_from_db, ms_to_db, run_from_doc};
+use crate::convert::{attach_history, json_text, ms_from_db, ms_to_db};
 use crate::governance::scoped_snapshot;
 use crate::runs::DB_NOW_MS;
 use crate::write::{prepare_write, write_runs};
 use crate::{Applied, Fence, LeaseEpoch, StoreError, StoreSettings, TransitionEnv};
 use deadpool_postgres::{Pool, Transaction};
-use serde_json::Value;
+use serde_json::value::RawValue;
+use std::sync::Arc;
 use tandem_core::{
-    AutomationLifecycleRecord, AutomationRunStatus, AutomationStopKind, AutomationV2RunRecord,
-    AutomationV2Spec, Effects, Millis, Transition,
+    AutomationRunStatus, AutomationStopKind, AutomationV2RunRecord, AutomationV2Spec, Effects,
+    Millis, Transition,
 };
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
@@ -41,7 +42,8 @@ pub(crate) struct LockedRow {
     pub(crate) run_id: String,
     pub(crate) lease_epoch: LeaseEpoch,
     pub(crate) activity_at_ms: i64,
-    pub(crate) doc: Value,
+    /// `runs.doc` as stored (text; parsed only for runs a decision needs).
+    pub(crate) doc: Box<RawValue>,
 }
 
 impl LockedRow {
@@ -51,7 +53,8 @@ impl LockedRow {
             run_id: row.try_get(0)?,
             lease_epoch: LeaseEpoch(row.try_get(1)?),
             activity_at_ms: row.try_get(2)?,
-            doc: row.try_get(3)?,
+            doc: json_text(row, 3)?
+                .ok_or_else(|| StoreError::Corrupt("a run has no doc".into()))?,
         })
     }
 }
@@ -322,12 +325,20 @@ pub(crate) async fn load_envs(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<&str> = rows.iter().map(|r| r.run_id.as_str()).collect();
-    // The automations the rows name, read from the raw docs so that both reads go out together
-    // (pipelined: one round trip).
-    let mut automation_ids: Vec<&str> = rows
+    // Each doc parsed straight into a record (a doc that does not parse is that run's error);
+    // the automations the records name are read with the histories (pipelined: one round trip).
+    let mut parsed: Vec<(LockedRow, Result<AutomationV2RunRecord, StoreError>)> = rows
+        .into_iter()
+        .map(|l| {
+            let run = serde_json::from_str::<AutomationV2RunRecord>(l.doc.get())
+                .map_err(StoreError::from);
+            (l, run)
+        })
+        .collect();
+    let ids: Vec<&str> = parsed.iter().map(|(l, _)| l.run_id.as_str()).collect();
+    let mut automation_ids: Vec<&str> = parsed
         .iter()
-        .filter_map(|r| r.doc.get("automation_id").and_then(Value::as_str))
+        .filter_map(|(_, r)| r.as_ref().ok().map(|r| r.automation_id.as_str()))
         .collect();
     automation_ids.sort_unstable();
     automation_ids.dedup();
@@ -341,43 +352,45 @@ pub(crate) async fn load_envs(
         tx.query(&histories_stmt, &history_params),
         tx.query(&automations_stmt, &automation_params)
     );
-    let mut histories: HashMap<String, Value> = HashMap::with_capacity(rows.len());
+    let mut histories: HashMap<String, Box<RawValue>> = HashMap::with_capacity(parsed.len());
     let mut now_ms: Option<Millis> = None;
     for r in history_rows? {
         now_ms = Some(ms_from_db(r.try_get(2)?, "database clock")?);
-        if let Some(id) = r.try_get::<_, Option<String>>(0)? {
-            histories.insert(id, r.try_get(1)?);
+        if let (Some(id), Some(records)) = (r.try_get::<_, Option<String>>(0)?, json_text(&r, 1)?) {
+            histories.insert(id, records);
         }
     }
     let now_ms =
         now_ms.ok_or_else(|| StoreError::Invalid("the history query returned no row".into()))?;
-    let mut live: HashMap<String, Result<AutomationV2Spec, String>> = HashMap::new();
+    let mut live: HashMap<String, Result<Arc<AutomationV2Spec>, String>> = HashMap::new();
     for r in automation_rows? {
-        let spec = serde_json::from_value::<AutomationV2Spec>(r.try_get(1)?);
-        live.insert(r.try_get(0)?, spec.map_err(|e| e.to_string()));
+        let spec = json_text(&r, 1)?
+            .ok_or_else(|| "no spec".to_owned())
+            .and_then(|t| {
+                serde_json::from_str::<AutomationV2Spec>(t.get()).map_err(|e| e.to_string())
+            });
+        live.insert(r.try_get(0)?, spec.map(Arc::new));
     }
-
-    let parsed: Vec<(LockedRow, Result<AutomationV2RunRecord, StoreError>)> = rows
-        .into_iter()
-        .map(|mut l| {
-            let history = histories.remove(&l.run_id).unwrap_or(Value::Null);
-            let run = run_from_doc(std::mem::take(&mut l.doc), history);
-            (l, run)
-        })
-        .collect();
+    for (l, run) in &mut parsed {
+        if let Ok(r) = run
+            && let Err(e) = attach_history(r, histories.remove(&l.run_id).as_deref())
+        {
+            *run = Err(e);
+        }
+    }
     // One snapshot scoped to the agents of every run's live definition and snapshot: each run
     // looks up its own agents in it.
     let governance = if settings.load_governance {
         let specs: Vec<&AutomationV2Spec> = live
             .values()
-            .filter_map(|s| s.as_ref().ok())
+            .filter_map(|s| s.as_deref().ok())
             .chain(
                 parsed
                     .iter()
-                    .filter_map(|(_, r)| r.as_ref().ok()?.automation_snapshot.as_ref()),
+                    .filter_map(|(_, r)| r.as_ref().ok()?.automation_snapshot.as_deref()),
             )
             .collect();
-        Some(scoped_snapshot(tx, &specs, now_ms).await?)
+        Some(Arc::new(scoped_snapshot(tx, &specs, now_ms).await?))
     } else {
         None
     };
@@ -386,7 +399,7 @@ pub(crate) async fn load_envs(
     for (locked, run) in parsed {
         let loaded = run.and_then(|run| {
             let (automation, automation_is_live) = match live.get(&run.automation_id) {
-                Some(Ok(spec)) => (Some(spec.clone()), true),
+                Some(Ok(spec)) => (Some(Arc::clone(spec)), true),
                 Some(Err(e)) => {
                     return Err(StoreError::Corrupt(format!(
                         "automation {} has an unreadable spec: {e}",
@@ -429,17 +442,18 @@ pub(crate) type WriteResult = Result<(LeaseEpoch, Vec<i64>), StoreError>;
 /// the failing ones are left out. Returns, per run, its epoch and outbox ids or its error.
 pub(crate) async fn write_changed<T>(
     tx: &mut Transaction<'_>,
-    changed: &[Changed<T>],
+    changed: &mut [Changed<T>],
     settings: &StoreSettings,
     bump_activity: bool,
 ) -> Result<Vec<WriteResult>, StoreError> {
     let mut results: Vec<Option<WriteResult>> = Vec::with_capacity(changed.len());
     let mut writes = Vec::with_capacity(changed.len());
     let mut slots = Vec::with_capacity(changed.len());
-    for (i, c) in changed.iter().enumerate() {
+    let now_ms = changed.first().map(|c| c.env.now_ms);
+    for (i, c) in changed.iter_mut().enumerate() {
         match prepare_write(
             &c.before,
-            &c.run,
+            &mut c.run,
             &c.transition.effects,
             &c.env,
             settings,
@@ -453,7 +467,7 @@ pub(crate) async fn write_changed<T>(
             Err(e) => results.push(Some(Err(e))),
         }
     }
-    let Some(now_ms) = changed.first().map(|c| c.env.now_ms) else {
+    let Some(now_ms) = now_ms else {
         return Ok(Vec::new());
     };
     // The savepoint goes out in the same round trip as the writes (pipelined, executed in
@@ -552,7 +566,7 @@ where
             transition,
         });
     }
-    let written = write_changed(tx, &changed, settings, bump_activity).await?;
+    let written = write_changed(tx, &mut changed, settings, bump_activity).await?;
     let any_changed = written.iter().any(Result::is_ok);
     let mut changed: Vec<Option<(Changed<T>, WriteResult)>> =
         changed.into_iter().zip(written).map(Some).collect();
@@ -616,7 +630,8 @@ where
             effects: Effects::default(),
         });
     }
-    let (lease_epoch, outbox_ids) = persist(tx, &before, &run, &transition, &env, settings).await?;
+    let (lease_epoch, outbox_ids) =
+        persist(tx, &before, &mut run, &transition, &env, settings).await?;
     Ok(Applied {
         outcome: transition.outcome,
         changed: true,
@@ -635,25 +650,24 @@ async fn load_env(
     locked: LockedRow,
     settings: &StoreSettings,
 ) -> Result<(AutomationV2RunRecord, TransitionEnv), StoreError> {
-    let mut run: AutomationV2RunRecord = serde_json::from_value(locked.doc)?;
     let stmt = tx
         .prepare_cached(&format!(
             "SELECT {DB_NOW_MS},
-                    coalesce((SELECT jsonb_agg(record ORDER BY id) FROM run_lifecycle
-                               WHERE run_id = $1), '[]'::jsonb),
+                    (SELECT jsonb_agg(record ORDER BY id) FROM run_lifecycle WHERE run_id = $1),
                     (SELECT spec FROM automations WHERE automation_id = $2)"
         ))
         .await?;
+    let mut run: AutomationV2RunRecord = serde_json::from_str(locked.doc.get())?;
     let row = tx
         .query_one(&stmt, &[&locked.run_id, &run.automation_id])
         .await?;
     let now_ms = ms_from_db(row.try_get(0)?, "database clock")?;
-    run.checkpoint.lifecycle_history =
-        serde_json::from_value::<Vec<AutomationLifecycleRecord>>(row.try_get(1)?)?;
-    let live: Option<Value> = row.try_get(2)?;
-    let (automation, automation_is_live) = match live {
+    attach_history(&mut run, json_text(&row, 1)?.as_deref())?;
+    let (automation, automation_is_live) = match json_text(&row, 2)? {
         Some(spec) => (
-            Some(serde_json::from_value::<AutomationV2Spec>(spec)?),
+            Some(Arc::new(serde_json::from_str::<AutomationV2Spec>(
+                spec.get(),
+            )?)),
             true,
         ),
         None => (run.automation_snapshot.clone(), false),
@@ -664,8 +678,9 @@ async fn load_env(
         let specs: Vec<&AutomationV2Spec> = automation
             .iter()
             .chain(run.automation_snapshot.iter())
+            .map(|s| &**s)
             .collect();
-        Some(scoped_snapshot(tx, &specs, now_ms).await?)
+        Some(Arc::new(scoped_snapshot(tx, &specs, now_ms).await?))
     } else {
         None
     };
@@ -684,7 +699,7 @@ async fn load_env(
 async fn persist<T>(
     tx: &Transaction<'_>,
     before: &AutomationV2RunRecord,
-    run: &AutomationV2RunRecord,
+    run: &mut AutomationV2RunRecord,
     transition: &Transition<T>,
     env: &TransitionEnv,
     settings: &StoreSettings,

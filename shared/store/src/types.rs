@@ -1,5 +1,7 @@
 //! Value types shared by the store API.
 
+use std::sync::Arc;
+
 use tandem_core::config::GatePolicyDefaults;
 use tandem_core::governance::GovernanceSnapshot;
 use tandem_core::{AutomationV2RunRecord, AutomationV2Spec, Effects, Millis};
@@ -67,13 +69,13 @@ pub struct TransitionEnv {
     pub activity_at_ms: Millis,
     /// The live automation definition, else the run's snapshot (what the executor and the
     /// auto-resume sweeps use). Upstream's claim prefers the snapshot instead: that is
-    /// `run.automation_snapshot.as_ref().or(env.automation.as_ref())`.
-    pub automation: Option<AutomationV2Spec>,
+    /// `run.automation_snapshot.as_ref().or(env.automation.as_deref())`.
+    pub automation: Option<Arc<AutomationV2Spec>>,
     /// True when [`Self::automation`] is the live definition.
     pub automation_is_live: bool,
     /// Spend pauses and approved, unexpired quota overrides of the automation's agents, when
     /// [`StoreSettings::load_governance`] is set.
-    pub governance: Option<GovernanceSnapshot>,
+    pub governance: Option<Arc<GovernanceSnapshot>>,
 }
 
 /// A run as stored, with the columns the record does not carry.

@@ -9,23 +9,24 @@
 
 use std::collections::HashMap;
 
-use crate::convert::{ms_to_db, run_doc};
+use crate::convert::{ms_to_db, run_doc, to_json_text};
 use crate::outbox::{TASK_ROW_TYPE, engine_event};
 use crate::runs::HotColumns;
 use crate::{LeaseEpoch, StoreError, StoreSettings, TransitionEnv};
 use deadpool_postgres::Transaction;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tandem_core::audit::DURABILITY_REQUIRED;
 use tandem_core::{AutomationLifecycleRecord, AutomationV2RunRecord, Effects, Millis};
 use tokio_postgres::Statement;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
 
 /// One changed run, ready to be written.
 pub(crate) struct RunWrite<'a> {
     run_id: &'a str,
     hot: HotColumns,
-    doc: Value,
+    doc: Json<Box<RawValue>>,
     /// The row's epoch after the write.
     pub(crate) lease_epoch: LeaseEpoch,
     /// Move `activity_at_ms` to the database clock: the status changed, or the caller says the
@@ -40,12 +41,15 @@ pub(crate) struct RunWrite<'a> {
 /// status (`running`/`pausing`). `activity` marks the write as worker activity.
 pub(crate) fn prepare_write<'a>(
     before: &AutomationV2RunRecord,
-    run: &'a AutomationV2RunRecord,
+    run: &'a mut AutomationV2RunRecord,
     effects: &'a Effects,
     env: &TransitionEnv,
     settings: &StoreSettings,
     activity: bool,
 ) -> Result<RunWrite<'a>, StoreError> {
+    // Serialized first: it moves the history out and back (see `run_doc`).
+    let doc = run_doc(run)?;
+    let run: &'a AutomationV2RunRecord = run;
     if run.run_id != before.run_id {
         return Err(StoreError::Invalid(format!(
             "a transition changed run_id {} to {}",
@@ -75,7 +79,7 @@ pub(crate) fn prepare_write<'a>(
     Ok(RunWrite {
         run_id: &run.run_id,
         hot: HotColumns::of(run, settings)?,
-        doc: run_doc(run)?,
+        doc,
         lease_epoch,
         bump_activity: activity || before.status != run.status,
         appended,
@@ -124,7 +128,7 @@ struct OutboxColumns {
     org_id: Vec<String>,
     workspace_id: Vec<String>,
     dedupe_id: Vec<String>,
-    payload: Vec<Value>,
+    payload: Vec<Json<Box<RawValue>>>,
     subject_kind: Vec<&'static str>,
     task_queue: Vec<Option<String>>,
     /// Index into `writes` of each row.
@@ -140,7 +144,8 @@ impl OutboxColumns {
     ) -> Result<(), StoreError> {
         for e in &effects.events {
             let event_id = Uuid::now_v7();
-            self.payload.push(engine_event(e, event_id, now_ms)?);
+            self.payload
+                .push(to_json_text(&engine_event(e, event_id, now_ms))?);
             self.dedupe_id
                 .push(e.dedupe_key.clone().unwrap_or_else(|| event_id.to_string()));
             self.event_id.push(event_id);
@@ -154,7 +159,7 @@ impl OutboxColumns {
             self.owner.push(owner);
         }
         for t in &effects.tasks {
-            self.payload.push(serde_json::to_value(t)?);
+            self.payload.push(to_json_text(t)?);
             self.dedupe_id.push(t.task_id());
             self.event_id.push(Uuid::now_v7());
             self.run_id.push(t.run_id.clone());
@@ -203,7 +208,7 @@ pub(crate) async fn write_runs(
     let bump_activity: Vec<bool> = writes.iter().map(|w| w.bump_activity).collect();
     let next_action: Vec<Option<i64>> = writes.iter().map(|w| w.hot.next_action_at_ms).collect();
     let stop_kinds: Vec<Option<&str>> = writes.iter().map(|w| w.hot.stop_kind).collect();
-    let docs: Vec<&Value> = writes.iter().map(|w| &w.doc).collect();
+    let docs: Vec<&Json<Box<RawValue>>> = writes.iter().map(|w| &w.doc).collect();
     let records: Vec<RunRecords<'_>> = writes
         .iter()
         .map(|w| RunRecords {
