@@ -2136,6 +2136,7 @@ async fn fleet_shutdown_action_fails_running_runs_only_when_confirmed_by_an_admi
     let limits = tandem_store::ClaimLimits {
         max_concurrent_runs: 2,
         batch: 8,
+        relay_lease: None,
     };
     tandem_store::claim_runs(&fx.pool, limits, &Default::default(), |_, _| {
         tandem_core::Transition::unchanged(())

@@ -104,6 +104,7 @@ async fn claim_plain(pool: &Pool, cap: u32, batch: usize) -> anyhow::Result<Clai
     let limits = ClaimLimits {
         max_concurrent_runs: cap,
         batch,
+        relay_lease: None,
     };
     Ok(
         tandem_store::claim_runs(pool, limits, &settings(), |_, _| Transition::unchanged(()))
@@ -116,9 +117,19 @@ async fn claim_dispatching(
     pool: &Pool,
     cap: u32,
 ) -> anyhow::Result<ClaimReport<Option<tandem_core::execution::DispatchOutcome>>> {
+    claim_dispatching_leased(pool, cap, None).await
+}
+
+/// [`claim_dispatching`] with the claim's outbox rows leased to the caller (`relay_lease`).
+async fn claim_dispatching_leased(
+    pool: &Pool,
+    cap: u32,
+    relay_lease: Option<Duration>,
+) -> anyhow::Result<ClaimReport<Option<tandem_core::execution::DispatchOutcome>>> {
     let limits = ClaimLimits {
         max_concurrent_runs: cap,
         batch: 64,
+        relay_lease,
     };
     Ok(
         tandem_store::claim_runs(pool, limits, &settings(), |run, env| {
@@ -1073,6 +1084,108 @@ async fn relay_publishes_each_row_once_in_run_order_across_replicas() -> anyhow:
     // Nothing left: another pass publishes nothing.
     let r = relay(&pool, &bus.js, &bus.prefix, Duration::from_secs(30));
     assert_eq!(r.drain_once().await?.claimed, 0);
+    bus.cleanup().await?;
+    drop(pool);
+    db.drop_db().await
+}
+
+#[tokio::test]
+async fn a_claim_leases_its_rows_to_the_claimer_unless_an_older_row_is_unpublished()
+-> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    let bus = Bus::new().await?;
+    let now = db_now(&pool).await?;
+    for i in 0..3 {
+        create_on_root(&pool, &format!("r{i}"), None, now + i).await?;
+    }
+    // r1 has an older row nobody has published yet: its new row must wait behind it.
+    pool.get()
+        .await?
+        .execute(
+            "INSERT INTO outbox (event_id, run_id, event_type, org_id, workspace_id, dedupe_id,
+                                 payload)
+             VALUES (gen_random_uuid(), 'r1', 'automation_v2.run.note', 'local', 'local',
+                     'older-r1', '{\"type\": \"automation_v2.run.note\"}')",
+            &[],
+        )
+        .await?;
+
+    let mut report = claim_dispatching_leased(&pool, 10, Some(Duration::from_secs(30))).await?;
+    assert_eq!(claimed_ids(&report), ["r0", "r1", "r2"]);
+    let leased_runs: Vec<&str> = report
+        .leased_outbox
+        .iter()
+        .map(|r| r.run_id.as_str())
+        .collect();
+    assert_eq!(leased_runs, ["r0", "r2"], "one task row each, in id order");
+    assert_eq!(
+        report.runs_with_outbox(),
+        ["r1"],
+        "only r1 needs a relay claim"
+    );
+    let c = pool.get().await?;
+    let leases: Vec<(String, bool)> = c
+        .query(
+            "SELECT run_id, relay_lease_until > now() FROM outbox
+              WHERE subject_kind = 'task' ORDER BY run_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<bool>>(1).unwrap_or(false)))
+        .collect();
+    assert_eq!(
+        leases,
+        [
+            ("r0".into(), true),
+            ("r1".into(), false),
+            ("r2".into(), true)
+        ]
+    );
+    // The rows in hand are the committed rows (same payload JSON, as the relay would read).
+    for row in &report.leased_outbox {
+        let stored = tandem_store::outbox_rows(&pool, &[row.id]).await?;
+        let stored = stored.first().context("stored row")?;
+        assert_eq!(
+            serde_json::from_str::<Value>(&row.payload)?,
+            serde_json::from_str::<Value>(&stored.payload)?
+        );
+        assert_eq!(
+            (&row.kind, &row.dedupe_id),
+            (&stored.kind, &stored.dedupe_id)
+        );
+        assert!(row.task().is_some(), "a task row");
+    }
+
+    // Another relay takes only r1's rows (older first); the leased ones are not for the taking.
+    let other = relay(&pool, &bus.js, &bus.prefix, Duration::from_secs(30));
+    let background = other.drain_once().await?;
+    assert_eq!(
+        (background.claimed, background.runs),
+        (2, 1),
+        "{background:?}"
+    );
+    assert_eq!(other.drain_once().await?.claimed, 0);
+    // The claimer publishes its rows from memory and marks them.
+    let mine = relay(&pool, &bus.js, &bus.prefix, Duration::from_secs(30));
+    let published = mine
+        .relay_leased(std::mem::take(&mut report.leased_outbox))
+        .await?;
+    assert_eq!(
+        (published.published, published.marked),
+        (2, 2),
+        "{published:?}"
+    );
+    assert_eq!(unpublished(&pool).await?, 0);
+    let names = bus.names();
+    let tasks = read_stream(&bus, &names.tasks).await?;
+    let mut runs: Vec<String> = tasks
+        .iter()
+        .map(|(_, p)| serde_json::from_value::<TaskMessage>(p.clone()).map(|t| t.run_id))
+        .collect::<Result<_, _>>()?;
+    runs.sort();
+    assert_eq!(runs, ["r0", "r1", "r2"], "every task published once");
+    drop(c);
     bus.cleanup().await?;
     drop(pool);
     db.drop_db().await

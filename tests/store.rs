@@ -1994,6 +1994,7 @@ async fn running_count_ledger_matches_count_under_concurrent_writers_and_folds()
     let limits = tandem_store::ClaimLimits {
         max_concurrent_runs: 1_000,
         batch: 8,
+        relay_lease: None,
     };
     let report =
         tandem_store::claim_runs(&pool, limits, &settings(), |_, _| Transition::unchanged(()))
@@ -2037,6 +2038,7 @@ async fn a_claim_whose_reservation_is_about_to_expire_commits_nothing() -> anyho
     let limits = tandem_store::ClaimLimits {
         max_concurrent_runs: 10,
         batch: 8,
+        relay_lease: None,
     };
     let err =
         tandem_store::claim_runs(&pool, limits, &settings(), |_, _| Transition::unchanged(()))
@@ -2075,6 +2077,7 @@ async fn capacity_reservations_count_against_the_cap_until_released_or_expired()
     let limits = tandem_store::ClaimLimits {
         max_concurrent_runs: 3,
         batch: 8,
+        relay_lease: None,
     };
     let claim = || async {
         tandem_store::claim_runs(&pool, limits, &settings(), |_, _| Transition::unchanged(())).await

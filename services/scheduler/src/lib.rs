@@ -124,6 +124,8 @@ struct Counters {
 #[derive(Debug, Default)]
 struct AfterCommit {
     relay: Vec<String>,
+    /// Outbox rows committed already leased to this replica, to publish from memory.
+    leased: Vec<tandem_store::OutboxRow>,
     cancels: Vec<(String, LeaseEpoch)>,
     wake: bool,
     gate_opened: bool,
@@ -131,11 +133,16 @@ struct AfterCommit {
 
 impl AfterCommit {
     fn is_empty(&self) -> bool {
-        self.relay.is_empty() && self.cancels.is_empty() && !self.wake && !self.gate_opened
+        self.relay.is_empty()
+            && self.leased.is_empty()
+            && self.cancels.is_empty()
+            && !self.wake
+            && !self.gate_opened
     }
 
     fn merge(&mut self, other: AfterCommit) {
         self.relay.extend(other.relay);
+        self.leased.extend(other.leased);
         self.cancels.extend(other.cancels);
         self.wake |= other.wake;
         self.gate_opened |= other.gate_opened;
@@ -349,9 +356,10 @@ impl Scheduler {
         let limits = ClaimLimits {
             max_concurrent_runs: self.inner.lifecycle.max_concurrent_runs,
             batch: self.inner.config.claim_batch,
+            relay_lease: Some(self.inner.relay.settings().lease),
         };
         let gates = self.inner.lifecycle.gates;
-        let report = tandem_store::claim_runs(&self.inner.pool, limits, &self.inner.store, {
+        let mut report = tandem_store::claim_runs(&self.inner.pool, limits, &self.inner.store, {
             |run, env| exec::dispatch(run, env, &gates)
         })
         .await?;
@@ -363,6 +371,7 @@ impl Scheduler {
         };
         let mut after = AfterCommit {
             relay: report.runs_with_outbox(),
+            leased: std::mem::take(&mut report.leased_outbox),
             ..AfterCommit::default()
         };
         for item in &report.items {
@@ -608,6 +617,16 @@ impl Scheduler {
     async fn finish_commits(&self, after: AfterCommit) {
         if after.gate_opened {
             self.wake_gate_notifiers().await;
+        }
+        if !after.leased.is_empty() {
+            match self.inner.relay.relay_leased(after.leased).await {
+                Ok(r) if r.failed > 0 => self.inner.relay.nudge(),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "relaying just-committed leased rows failed; they are published when their lease expires");
+                    self.inner.relay.nudge();
+                }
+            }
         }
         if !after.relay.is_empty() {
             match self.inner.relay.relay_runs(&after.relay).await {

@@ -6,7 +6,9 @@
 //!
 //! * **Writer path** ([`Relay::relay_runs`]): right after a transition commits, the writer
 //!   publishes the rows of the runs it changed (and any earlier rows of those runs left behind),
-//!   so events and tasks leave within a round trip of the commit.
+//!   so events and tasks leave within a round trip of the commit. A writer that inserted its rows
+//!   already leased to itself (the scheduler's claims) publishes them from memory with
+//!   [`Relay::relay_leased`].
 //! * **Background path** ([`Relay::run`]): a loop on every replica takes rows nobody holds (a
 //!   writer crashed between commit and publish, NATS was down, a lease expired) every poll period
 //!   (jittered, ≤ 1 s by default) or when nudged, and drains them batch after batch.
@@ -192,6 +194,17 @@ impl Relay {
             }
         }
         Ok(total)
+    }
+
+    /// The writer path for rows a writer inserted already leased to itself (e.g.
+    /// `ClaimReport::leased_outbox`): publishes them from memory and marks them, right after the
+    /// commit that wrote them, with no claim and no read back. What fails to publish is released
+    /// for the next relay pass.
+    pub async fn relay_leased(&self, rows: Vec<OutboxRow>) -> Result<RelayReport, StoreError> {
+        if rows.is_empty() {
+            return Ok(RelayReport::default());
+        }
+        self.publish_and_mark(rows).await
     }
 
     /// One background claim: takes up to `max_runs_per_claim` runs' rows nobody holds, publishes

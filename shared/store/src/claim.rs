@@ -43,8 +43,11 @@
 //! takes no lock at all.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
+use crate::outbox::OutboxRow;
 use crate::transition::{Changed, LoadedRun, LockedRow, WriteResult, load_envs, write_changed};
+use crate::write::OutboxRelay;
 use crate::{Applied, LeaseEpoch, StoreError, StoreSettings, TransitionEnv};
 use deadpool_postgres::{Pool, Transaction};
 use serde_json::value::RawValue;
@@ -117,6 +120,12 @@ pub struct ClaimLimits {
     pub max_concurrent_runs: u32,
     /// Queued runs examined per transaction (clamped to [`MAX_CLAIM_BATCH`]).
     pub batch: usize,
+    /// `Some(lease)`: the caller publishes the claim's outbox rows itself right after the
+    /// commit. Rows of runs with no older unpublished row are then inserted already leased to it
+    /// for `lease` and returned in [`ClaimReport::leased_outbox`] (publish them, then
+    /// `mark_outbox_published`); if the caller dies first, another relay publishes them when the
+    /// lease expires. `None`: rows are left for a relay to claim (`claim_outbox_for_runs`).
+    pub relay_lease: Option<Duration>,
 }
 
 /// What happened to one examined queued run.
@@ -157,6 +166,9 @@ pub struct ClaimReport<D> {
     pub items: Vec<ClaimItem<D>>,
     /// The candidate select returned a full batch: more queued runs may be waiting.
     pub full_batch: bool,
+    /// With [`ClaimLimits::relay_lease`]: the committed outbox rows leased to the caller, in id
+    /// order, for it to publish.
+    pub leased_outbox: Vec<OutboxRow>,
 }
 
 impl<D> Default for ClaimReport<D> {
@@ -165,6 +177,7 @@ impl<D> Default for ClaimReport<D> {
             running_before: 0,
             items: Vec::new(),
             full_batch: false,
+            leased_outbox: Vec::new(),
         }
     }
 }
@@ -178,10 +191,17 @@ impl<D> ClaimReport<D> {
             .count()
     }
 
-    /// Runs whose transaction wrote outbox rows (to relay right after commit).
+    /// Runs whose transaction wrote outbox rows that are not in [`Self::leased_outbox`] (to
+    /// relay with `claim_outbox_for_runs` right after commit).
     pub fn runs_with_outbox(&self) -> Vec<String> {
+        let leased: HashSet<&str> = self
+            .leased_outbox
+            .iter()
+            .map(|r| r.run_id.as_str())
+            .collect();
         self.items
             .iter()
+            .filter(|i| !leased.contains(i.run_id.as_str()))
             .filter(|i| match &i.result {
                 Ok(ClaimItemOutcome::Claimed { claim, dispatch }) => {
                     !claim.outbox_ids.is_empty() || !dispatch.outbox_ids.is_empty()
@@ -295,7 +315,7 @@ where
         rows: candidates,
         held,
     };
-    let result = claim_set(tx, &reservation, start, settings, &mut dispatch).await;
+    let result = claim_set(tx, &reservation, start, &limits, settings, &mut dispatch).await;
     if result.is_err() {
         release_reservation_now(pool, &reservation).await;
     }
@@ -520,6 +540,7 @@ async fn claim_set<D, F>(
     mut tx: Transaction<'_>,
     reservation: &Reservation,
     start: ClaimStart,
+    limits: &ClaimLimits,
     settings: &StoreSettings,
     dispatch: &mut F,
 ) -> Result<ClaimReport<D>, StoreError>
@@ -587,6 +608,7 @@ where
             running_before,
             items: items.into_iter().flatten().collect(),
             full_batch,
+            leased_outbox: Vec::new(),
         });
     }
 
@@ -702,7 +724,12 @@ where
     }
 
     // One set-based write for every changed run (run by run if that fails).
-    let written = write_changed(&mut tx, &mut changed, settings, false).await?;
+    let relay = match limits.relay_lease {
+        Some(lease) => OutboxRelay::Writer(lease),
+        None => OutboxRelay::Claimed,
+    };
+    let (written, leased_outbox) =
+        write_changed(&mut tx, &mut changed, settings, false, relay).await?;
     let any_changed = written.iter().any(Result::is_ok);
     let mut changed: Vec<Option<(Changed<Plan<D>>, WriteResult)>> =
         changed.into_iter().zip(written).map(Some).collect();
@@ -745,6 +772,7 @@ where
         running_before,
         items: items.into_iter().flatten().collect(),
         full_batch,
+        leased_outbox,
     })
 }
 

@@ -18,8 +18,9 @@ use std::collections::HashMap;
 
 use crate::convert::{attach_history, json_text, ms_from_db, ms_to_db};
 use crate::governance::scoped_snapshot;
+use crate::outbox::OutboxRow;
 use crate::runs::DB_NOW_MS;
-use crate::write::{prepare_write, write_runs};
+use crate::write::{OutboxRelay, prepare_write, write_runs};
 use crate::{Applied, Fence, LeaseEpoch, StoreError, StoreSettings, TransitionEnv};
 use deadpool_postgres::{Pool, Transaction};
 use serde_json::value::RawValue;
@@ -439,13 +440,15 @@ pub(crate) type WriteResult = Result<(LeaseEpoch, Vec<i64>), StoreError>;
 
 /// Writes changed runs with set statements under one savepoint; when that fails (a constraint,
 /// a trigger, a value the database refuses), each run is written under its own savepoint so only
-/// the failing ones are left out. Returns, per run, its epoch and outbox ids or its error.
+/// the failing ones are left out. Returns, per run, its epoch and outbox ids or its error, and
+/// the outbox rows inserted leased to the writer (with [`OutboxRelay::Writer`]).
 pub(crate) async fn write_changed<T>(
     tx: &mut Transaction<'_>,
     changed: &mut [Changed<T>],
     settings: &StoreSettings,
     bump_activity: bool,
-) -> Result<Vec<WriteResult>, StoreError> {
+    relay: OutboxRelay,
+) -> Result<(Vec<WriteResult>, Vec<OutboxRow>), StoreError> {
     let mut results: Vec<Option<WriteResult>> = Vec::with_capacity(changed.len());
     let mut writes = Vec::with_capacity(changed.len());
     let mut slots = Vec::with_capacity(changed.len());
@@ -468,20 +471,22 @@ pub(crate) async fn write_changed<T>(
         }
     }
     let Some(now_ms) = now_ms else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
+    let mut leased = Vec::new();
     // The savepoint goes out in the same round trip as the writes (pipelined, executed in
     // order). It is left in place when they succeed: the commit releases it.
     let (savepoint, written) = futures::join!(
         tx.batch_execute("SAVEPOINT tandem_set_write"),
-        write_runs(tx, &writes, now_ms)
+        write_runs(tx, &writes, now_ms, relay)
     );
     savepoint?;
     match written {
-        Ok(ids) => {
-            for ((slot, w), ids) in slots.iter().zip(&writes).zip(ids) {
+        Ok(inserted) => {
+            for ((slot, w), ids) in slots.iter().zip(&writes).zip(inserted.ids) {
                 results[*slot] = Some(Ok((w.lease_epoch, ids)));
             }
+            leased = inserted.leased;
         }
         Err(e) if e.is_connection() => return Err(e),
         Err(e) => {
@@ -491,10 +496,12 @@ pub(crate) async fn write_changed<T>(
             for (slot, w) in slots.iter().zip(writes) {
                 let sp = tx.savepoint("tandem_run_write").await?;
                 let epoch = w.lease_epoch;
-                match write_runs(&sp, &[w], now_ms).await {
-                    Ok(mut ids) => {
+                match write_runs(&sp, &[w], now_ms, relay).await {
+                    Ok(mut inserted) => {
                         sp.commit().await?;
-                        results[*slot] = Some(Ok((epoch, ids.pop().unwrap_or_default())));
+                        let ids = inserted.ids.pop().unwrap_or_default();
+                        results[*slot] = Some(Ok((epoch, ids)));
+                        leased.append(&mut inserted.leased);
                     }
                     Err(e) if e.is_connection() => return Err(e),
                     Err(e) => {
@@ -505,10 +512,11 @@ pub(crate) async fn write_changed<T>(
             }
         }
     }
-    Ok(results
+    let results = results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(StoreError::Invalid("run not written".into()))))
-        .collect())
+        .collect();
+    Ok((results, leased))
 }
 
 /// Loads, transitions and writes a set of locked rows (see [`load_envs`], [`write_changed`]).
@@ -566,7 +574,14 @@ where
             transition,
         });
     }
-    let written = write_changed(tx, &mut changed, settings, bump_activity).await?;
+    let (written, _) = write_changed(
+        tx,
+        &mut changed,
+        settings,
+        bump_activity,
+        OutboxRelay::Claimed,
+    )
+    .await?;
     let any_changed = written.iter().any(Result::is_ok);
     let mut changed: Vec<Option<(Changed<T>, WriteResult)>> =
         changed.into_iter().zip(written).map(Some).collect();
@@ -706,6 +721,6 @@ async fn persist<T>(
 ) -> Result<(LeaseEpoch, Vec<i64>), StoreError> {
     let write = prepare_write(before, run, &transition.effects, env, settings, false)?;
     let lease_epoch = write.lease_epoch;
-    let mut ids = write_runs(tx, &[write], env.now_ms).await?;
-    Ok((lease_epoch, ids.pop().unwrap_or_default()))
+    let mut inserted = write_runs(tx, &[write], env.now_ms, OutboxRelay::Claimed).await?;
+    Ok((lease_epoch, inserted.ids.pop().unwrap_or_default()))
 }

@@ -8,9 +8,10 @@
 //! follow each run's commit order.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::convert::{ms_to_db, run_doc, to_json_text};
-use crate::outbox::{TASK_ROW_TYPE, engine_event};
+use crate::outbox::{OutboxKind, OutboxRow, TASK_ROW_TYPE, engine_event};
 use crate::runs::HotColumns;
 use crate::{LeaseEpoch, StoreError, StoreSettings, TransitionEnv};
 use deadpool_postgres::Transaction;
@@ -117,7 +118,45 @@ const INSERT_OUTBOX_SQL: &str = "
                         subject_kind, task_queue)
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::jsonb[], $8::text[], $9::text[])
-    RETURNING id, event_id";
+    RETURNING id, event_id, false";
+
+/// [`INSERT_OUTBOX_SQL`] for a writer that relays its rows itself right after the commit: a row
+/// is inserted already leased to it (`$10` seconds) when its run has no older unpublished row,
+/// as the relay's head-of-run claim would have leased it (see `crate::outbox`). The check
+/// cannot race: every writer of a run's outbox rows holds the run's row lock, and rows of the
+/// same statement do not see each other, so a run's new rows are all leased or none is.
+const INSERT_OUTBOX_LEASED_SQL: &str = "
+    INSERT INTO outbox (event_id, run_id, event_type, org_id, workspace_id, dedupe_id, payload,
+                        subject_kind, task_queue, relay_lease_until)
+    SELECT u.*,
+           CASE WHEN EXISTS (SELECT 1 FROM outbox p
+                              WHERE p.run_id = u.run_id AND p.published_at IS NULL)
+                THEN NULL ELSE now() + make_interval(secs => $10) END
+      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                  $7::jsonb[], $8::text[], $9::text[])
+           AS u(event_id, run_id, event_type, org_id, workspace_id, dedupe_id, payload,
+                subject_kind, task_queue)
+    RETURNING id, event_id, relay_lease_until IS NOT NULL";
+
+/// How a set write's outbox rows are relayed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum OutboxRelay {
+    /// By whichever relay claims them (the writer path or the background loop).
+    Claimed,
+    /// By the writer itself, right after its commit: rows of runs without older unpublished rows
+    /// are inserted leased for this long and returned, so the writer publishes them from memory
+    /// (no lease update, no read back).
+    Writer(Duration),
+}
+
+/// The outbox rows a set write inserted.
+#[derive(Debug, Default)]
+pub(crate) struct InsertedOutbox {
+    /// Each write's row ids, ascending.
+    pub(crate) ids: Vec<Vec<i64>>,
+    /// With [`OutboxRelay::Writer`]: the rows inserted leased to the writer, in id order.
+    pub(crate) leased: Vec<OutboxRow>,
+}
 
 /// Column arrays of the outbox rows of a set of writes.
 #[derive(Default)]
@@ -185,9 +224,10 @@ pub(crate) async fn write_runs(
     tx: &Transaction<'_>,
     writes: &[RunWrite<'_>],
     now_ms: Millis,
-) -> Result<Vec<Vec<i64>>, StoreError> {
+    relay: OutboxRelay,
+) -> Result<InsertedOutbox, StoreError> {
     if writes.is_empty() {
-        return Ok(Vec::new());
+        return Ok(InsertedOutbox::default());
     }
     let now = ms_to_db(now_ms, "database clock")?;
     let run_ids: Vec<&str> = writes.iter().map(|w| w.run_id).collect();
@@ -217,7 +257,7 @@ pub(crate) async fn write_runs(
             effects: w.effects,
         })
         .collect();
-    let columns = RecordColumns::of(&records, now_ms)?;
+    let columns = RecordColumns::of(&records, now_ms, relay)?;
 
     let update = tx.prepare_cached(UPDATE_RUNS_SQL).await?;
     let statements = columns.prepare(tx).await?;
@@ -237,9 +277,9 @@ pub(crate) async fn write_runs(
         &docs,
         &now,
     ];
-    let (updated_rows, ids) = futures::join!(
+    let (updated_rows, inserted) = futures::join!(
         tx.execute(&update, &update_params),
-        columns.insert(tx, &statements, records.len())
+        columns.insert(tx, &statements)
     );
     let updated_rows = updated_rows?;
     if usize::try_from(updated_rows).ok() != Some(writes.len()) {
@@ -248,7 +288,8 @@ pub(crate) async fn write_runs(
             writes.len()
         )));
     }
-    ids
+    let inserted = inserted?;
+    columns.into_outbox(inserted, records.len())
 }
 
 /// What one run's transition adds besides its row.
@@ -266,9 +307,10 @@ pub(crate) async fn insert_run_records(
     runs: &[RunRecords<'_>],
     now_ms: Millis,
 ) -> Result<Vec<Vec<i64>>, StoreError> {
-    let columns = RecordColumns::of(runs, now_ms)?;
+    let columns = RecordColumns::of(runs, now_ms, OutboxRelay::Claimed)?;
     let statements = columns.prepare(tx).await?;
-    columns.insert(tx, &statements, runs.len()).await
+    let inserted = columns.insert(tx, &statements).await?;
+    Ok(columns.into_outbox(inserted, runs.len())?.ids)
 }
 
 /// Column arrays of the lifecycle, audit and outbox rows of a set of runs.
@@ -284,6 +326,7 @@ struct RecordColumns<'a> {
     au_actor: Vec<Option<&'a str>>,
     au_payload: Vec<&'a Value>,
     outbox: OutboxColumns,
+    relay: OutboxRelay,
 }
 
 /// The prepared statements a [`RecordColumns`] needs (`None`: no rows for that table).
@@ -294,7 +337,7 @@ struct RecordStatements {
 }
 
 impl<'a> RecordColumns<'a> {
-    fn of(runs: &[RunRecords<'a>], now_ms: Millis) -> Result<Self, StoreError> {
+    fn of(runs: &[RunRecords<'a>], now_ms: Millis, relay: OutboxRelay) -> Result<Self, StoreError> {
         let mut c = RecordColumns {
             now: ms_to_db(now_ms, "database clock")?,
             lc_run: Vec::new(),
@@ -307,6 +350,7 @@ impl<'a> RecordColumns<'a> {
             au_actor: Vec::new(),
             au_payload: Vec::new(),
             outbox: OutboxColumns::default(),
+            relay,
         };
         for w in runs {
             for r in w.lifecycle {
@@ -343,19 +387,22 @@ impl<'a> RecordColumns<'a> {
             s.audit = Some(tx.prepare_cached(INSERT_AUDIT_SQL).await?);
         }
         if !self.outbox.event_id.is_empty() {
-            s.outbox = Some(tx.prepare_cached(INSERT_OUTBOX_SQL).await?);
+            let sql = match self.relay {
+                OutboxRelay::Claimed => INSERT_OUTBOX_SQL,
+                OutboxRelay::Writer(_) => INSERT_OUTBOX_LEASED_SQL,
+            };
+            s.outbox = Some(tx.prepare_cached(sql).await?);
         }
         Ok(s)
     }
 
-    /// Sends the inserts together (in lifecycle, audit, outbox order); returns each of the
-    /// `runs` runs' outbox row ids.
+    /// Sends the inserts together (in lifecycle, audit, outbox order); returns the outbox
+    /// rows' ids and event ids, and whether each was inserted leased.
     async fn insert(
         &self,
         tx: &Transaction<'_>,
         statements: &RecordStatements,
-        runs: usize,
-    ) -> Result<Vec<Vec<i64>>, StoreError> {
+    ) -> Result<Vec<(i64, Uuid, bool)>, StoreError> {
         let lifecycle = async {
             match &statements.lifecycle {
                 Some(stmt) => tx
@@ -389,50 +436,103 @@ impl<'a> RecordColumns<'a> {
             }
         };
         let ob = &self.outbox;
+        let lease_secs = match self.relay {
+            OutboxRelay::Claimed => None,
+            OutboxRelay::Writer(lease) => Some(lease.as_secs_f64().max(0.001)),
+        };
         let outbox = async {
-            match &statements.outbox {
-                Some(stmt) => {
-                    tx.query(
-                        stmt,
-                        &[
-                            &ob.event_id,
-                            &ob.run_id,
-                            &ob.event_type,
-                            &ob.org_id,
-                            &ob.workspace_id,
-                            &ob.dedupe_id,
-                            &ob.payload,
-                            &ob.subject_kind,
-                            &ob.task_queue,
-                        ],
-                    )
-                    .await
-                }
-                None => Ok(Vec::new()),
+            let Some(stmt) = &statements.outbox else {
+                return Ok(Vec::new());
+            };
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+                &ob.event_id,
+                &ob.run_id,
+                &ob.event_type,
+                &ob.org_id,
+                &ob.workspace_id,
+                &ob.dedupe_id,
+                &ob.payload,
+                &ob.subject_kind,
+                &ob.task_queue,
+            ];
+            if let Some(secs) = &lease_secs {
+                params.push(secs);
             }
+            tx.query(stmt, &params).await
         };
         let (lifecycle, audit, outbox) = futures::join!(lifecycle, audit, outbox);
         lifecycle?;
         audit?;
-        let rows = outbox?;
-        let mut ids = vec![Vec::new(); runs];
-        if rows.is_empty() {
-            return Ok(ids);
+        outbox?
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect()
+    }
+
+    /// Each run's outbox row ids (ascending) and, moved out of the columns, the rows inserted
+    /// leased to the writer.
+    fn into_outbox(
+        self,
+        inserted: Vec<(i64, Uuid, bool)>,
+        runs: usize,
+    ) -> Result<InsertedOutbox, StoreError> {
+        let mut out = InsertedOutbox {
+            ids: vec![Vec::new(); runs],
+            leased: Vec::new(),
+        };
+        if inserted.is_empty() {
+            return Ok(out);
         }
-        let mut by_event: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            by_event.insert(row.try_get(1)?, row.try_get(0)?);
+        let mut by_event: HashMap<Uuid, (i64, bool)> = HashMap::with_capacity(inserted.len());
+        for (id, event_id, leased) in inserted {
+            by_event.insert(event_id, (id, leased));
         }
-        for (event_id, owner) in ob.event_id.iter().zip(&ob.owner) {
-            let id = by_event.get(event_id).copied().ok_or_else(|| {
+        let ob = self.outbox;
+        let rows = ob
+            .event_id
+            .into_iter()
+            .zip(ob.owner)
+            .zip(ob.run_id)
+            .zip(ob.event_type)
+            .zip(ob.org_id)
+            .zip(ob.workspace_id)
+            .zip(ob.dedupe_id)
+            .zip(ob.payload)
+            .zip(ob.task_queue);
+        for (
+            (
+                ((((((event_id, owner), run_id), event_type), org_id), workspace_id), dedupe_id),
+                payload,
+            ),
+            task_queue,
+        ) in rows
+        {
+            let (id, leased) = by_event.get(&event_id).copied().ok_or_else(|| {
                 StoreError::Invalid(format!("outbox row {event_id} was not returned"))
             })?;
-            ids[*owner].push(id);
+            out.ids[owner].push(id);
+            if leased {
+                out.leased.push(OutboxRow {
+                    id,
+                    event_id,
+                    run_id,
+                    event_type,
+                    org_id,
+                    workspace_id,
+                    dedupe_id,
+                    payload: String::from(Box::<str>::from(payload.0)),
+                    kind: match task_queue {
+                        Some(queue) => OutboxKind::Task { queue },
+                        None => OutboxKind::Event,
+                    },
+                });
+            }
         }
         // The relay publishes a run's rows in id order; keep each run's list ascending.
-        for list in &mut ids {
+        for list in &mut out.ids {
             list.sort_unstable();
         }
-        Ok(ids)
+        out.leased.sort_by_key(|r| r.id);
+        Ok(out)
     }
 }
