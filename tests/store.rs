@@ -435,6 +435,62 @@ fn full_run(now: Millis) -> AutomationV2RunRecord {
 }
 
 #[tokio::test]
+async fn a_relayed_batch_leases_its_outbox_rows_only_where_nothing_older_is_unpublished()
+-> anyhow::Result<()> {
+    let (db, pool) = TestDb::migrated().await?;
+    let now = db_now(&pool).await?;
+    create(&pool, &queued_run("r1", None, now)).await?;
+    create(&pool, &queued_run("r2", None, now)).await?;
+    let note = |i: u64| {
+        move |run: &mut AutomationV2RunRecord, env: &tandem_store::TransitionEnv| {
+            update(run, env.now_ms, |run, fx| {
+                fx.event(run, "automation_v2.run.note", None, json!({ "i": i }), None)
+            })
+        }
+    };
+    let ids = ["r1".to_owned(), "r2".to_owned()];
+    let lease = std::time::Duration::from_secs(30);
+    // Nothing older: both runs' rows come back leased, and nobody else can take them.
+    let (items, leased) =
+        tandem_store::transition_runs_relayed(&pool, &ids, &settings(), false, lease, note(1))
+            .await?;
+    ensure!(items.iter().all(|i| i.result.is_ok()), "{items:?}");
+    let runs: Vec<&str> = leased.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(runs, ["r1", "r2"]);
+    assert!(
+        tandem_store::claim_outbox(&pool, 10, lease)
+            .await?
+            .is_empty(),
+        "leased rows are not for the taking"
+    );
+    let payload: Value = serde_json::from_str(&leased[0].payload)?;
+    assert_eq!(payload["properties"]["i"], 1);
+    assert_eq!(payload["envelope"]["run_id"], "r1");
+    // r1's row published, r2's not: r2's next row waits behind it, unleased; r1's is leased.
+    tandem_store::mark_outbox_published(&pool, &[leased[0].id]).await?;
+    let (_, leased) =
+        tandem_store::transition_runs_relayed(&pool, &ids, &settings(), false, lease, note(2))
+            .await?;
+    let runs: Vec<&str> = leased.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(runs, ["r1"]);
+    // The plain batch never leases.
+    let items = tandem_store::transition_runs(&pool, &ids, &settings(), false, note(3)).await?;
+    let c = pool.get().await?;
+    let unleased: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE relay_lease_until IS NULL AND published_at IS NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(unleased, 3, "r2's second row and both third rows");
+    ensure!(items.iter().all(|i| i.result.is_ok()), "{items:?}");
+    drop(c);
+    drop(pool);
+    db.drop_db().await
+}
+
+#[tokio::test]
 async fn create_and_get_round_trip_every_field() -> anyhow::Result<()> {
     let (db, pool) = TestDb::migrated().await?;
     let now = db_now(&pool).await?;

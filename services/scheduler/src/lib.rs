@@ -32,7 +32,7 @@ pub mod config;
 mod exec;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -739,11 +739,12 @@ impl Scheduler {
             by_run.entry(r.run_id.as_str()).or_default().push(i);
         }
         let run_ids: Vec<String> = by_run.keys().map(|id| (*id).to_owned()).collect();
-        let items = tandem_store::transition_runs(
+        let (items, leased) = tandem_store::transition_runs_relayed(
             &self.inner.pool,
             &run_ids,
             &self.inner.store,
             true,
+            self.inner.relay.settings().lease,
             |run, env| {
                 let mut outcomes = Vec::new();
                 let mut changed = false;
@@ -766,7 +767,12 @@ impl Scheduler {
 
         let mut outcomes: Vec<Option<Result<ResultApplied, ResultError>>> =
             results.iter().map(|_| None).collect();
-        let mut after = AfterCommit::default();
+        // Runs whose new outbox rows this replica holds leased and publishes from memory.
+        let leased_runs: HashSet<String> = leased.iter().map(|r| r.run_id.clone()).collect();
+        let mut after = AfterCommit {
+            leased,
+            ..AfterCommit::default()
+        };
         for item in items {
             let indices = by_run
                 .get(item.run_id.as_str())
@@ -823,7 +829,7 @@ impl Scheduler {
                     .iter()
                     .map(|r| (r.clone(), applied.lease_epoch)),
             );
-            if !applied.outbox_ids.is_empty() {
+            if !applied.outbox_ids.is_empty() && !leased_runs.contains(&item.run_id) {
                 after.relay.push(item.run_id.clone());
             }
             after.wake |=

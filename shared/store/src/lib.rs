@@ -65,7 +65,7 @@ pub use spend::{
 };
 pub use transition::{
     BatchItem, MAX_BATCH, Sweep, sweep_select_sql, transition_batch, transition_run,
-    transition_runs, try_transition_run,
+    transition_runs, transition_runs_relayed, try_transition_run,
 };
 pub use types::{Applied, Fence, LeaseEpoch, StoreSettings, StoredRun, TransitionEnv};
 

@@ -220,7 +220,8 @@ where
         }
     };
     let (locked, mut unreadable) = locked_rows(&rows);
-    let (mut items, any_changed) = apply_rows(&mut tx, locked, settings, false, f).await?;
+    let (mut items, any_changed, _) =
+        apply_rows(&mut tx, locked, settings, false, OutboxRelay::Claimed, f).await?;
     items.append(&mut unreadable);
     if any_changed {
         tx.commit().await?;
@@ -247,11 +248,61 @@ pub async fn transition_runs<T, F>(
 where
     F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<T>,
 {
+    let (items, _) = lock_and_apply(
+        pool,
+        run_ids,
+        settings,
+        bump_activity,
+        OutboxRelay::Claimed,
+        f,
+    )
+    .await?;
+    Ok(items)
+}
+
+/// [`transition_runs`] for a writer that publishes the outbox rows of these runs itself right
+/// after the commit: rows of runs with no older unpublished row are inserted already leased to
+/// it for `relay_lease` and returned (committed, in id order) for it to publish (then
+/// `mark_outbox_published`); the other runs' rows wait for a relay claim as usual
+/// (`claim_outbox_for_runs`).
+pub async fn transition_runs_relayed<T, F>(
+    pool: &Pool,
+    run_ids: &[String],
+    settings: &StoreSettings,
+    bump_activity: bool,
+    relay_lease: std::time::Duration,
+    f: F,
+) -> Result<(Vec<BatchItem<T>>, Vec<OutboxRow>), StoreError>
+where
+    F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<T>,
+{
+    lock_and_apply(
+        pool,
+        run_ids,
+        settings,
+        bump_activity,
+        OutboxRelay::Writer(relay_lease),
+        f,
+    )
+    .await
+}
+
+async fn lock_and_apply<T, F>(
+    pool: &Pool,
+    run_ids: &[String],
+    settings: &StoreSettings,
+    bump_activity: bool,
+    relay: OutboxRelay,
+    f: F,
+) -> Result<(Vec<BatchItem<T>>, Vec<OutboxRow>), StoreError>
+where
+    F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<T>,
+{
     let mut ids: Vec<&str> = run_ids.iter().map(String::as_str).collect();
     ids.sort_unstable();
     ids.dedup();
     if ids.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let mut client = pool.get().await?;
     let mut tx = client.transaction().await?;
@@ -263,7 +314,8 @@ where
         .await?;
     let rows = tx.query(&stmt, &[&ids]).await?;
     let (locked, mut unreadable) = locked_rows(&rows);
-    let (mut items, any_changed) = apply_rows(&mut tx, locked, settings, bump_activity, f).await?;
+    let (mut items, any_changed, leased) =
+        apply_rows(&mut tx, locked, settings, bump_activity, relay, f).await?;
     items.append(&mut unreadable);
     if any_changed {
         tx.commit().await?;
@@ -279,7 +331,7 @@ where
         }
     }
     items.sort_by(|a, b| a.run_id.cmp(&b.run_id));
-    Ok(items)
+    Ok((items, leased))
 }
 
 /// Splits selected rows into locked rows and report items for rows that could not be read.
@@ -526,8 +578,9 @@ async fn apply_rows<T, F>(
     rows: Vec<LockedRow>,
     settings: &StoreSettings,
     bump_activity: bool,
+    relay: OutboxRelay,
     mut f: F,
-) -> Result<(Vec<BatchItem<T>>, bool), StoreError>
+) -> Result<(Vec<BatchItem<T>>, bool, Vec<OutboxRow>), StoreError>
 where
     F: FnMut(&mut AutomationV2RunRecord, &TransitionEnv) -> Transition<T>,
 {
@@ -574,14 +627,7 @@ where
             transition,
         });
     }
-    let (written, _) = write_changed(
-        tx,
-        &mut changed,
-        settings,
-        bump_activity,
-        OutboxRelay::Claimed,
-    )
-    .await?;
+    let (written, leased) = write_changed(tx, &mut changed, settings, bump_activity, relay).await?;
     let any_changed = written.iter().any(Result::is_ok);
     let mut changed: Vec<Option<(Changed<T>, WriteResult)>> =
         changed.into_iter().zip(written).map(Some).collect();
@@ -607,7 +653,7 @@ where
             }
         })
         .collect();
-    Ok((items, any_changed))
+    Ok((items, any_changed, leased))
 }
 
 /// Loads the environment, runs the closure and persists a change; the row is already locked.
