@@ -85,6 +85,18 @@ fn queued(run_id: &str, spec: &AutomationV2Spec, created_at_ms: Millis) -> Autom
     )
 }
 
+/// Creates a queued run of `spec`.
+async fn create_queued(
+    pool: &Pool,
+    run_id: &str,
+    spec: &AutomationV2Spec,
+    created_at_ms: Millis,
+) -> anyhow::Result<()> {
+    let run = queued(run_id, spec, created_at_ms);
+    tandem_store::create_run(pool, &run, &Effects::default(), &settings()).await?;
+    Ok(())
+}
+
 /// Creates a queued run of a one-node flow on `root`.
 async fn create_on_root(
     pool: &Pool,
@@ -252,29 +264,37 @@ where
 // ---------------------------------------------------------------------------------------------
 // migration
 
+/// Applies migrations V1..=`version` the way `migrate` records them (an older build's schema).
+async fn migrate_up_to(pool: &Pool, version: i32) -> anyhow::Result<()> {
+    let c = pool.get().await?;
+    c.batch_execute(
+        "CREATE TABLE tandem_schema_migrations (
+             version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    for m in tandem_store::MIGRATIONS
+        .iter()
+        .filter(|m| m.version <= version)
+    {
+        c.batch_execute(m.sql).await?;
+        c.execute(
+            "INSERT INTO tandem_schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[&m.version, &m.name, &m.checksum()],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn v2_migration_applies_over_v1_and_keeps_v1_rows_as_events() -> anyhow::Result<()> {
     let db = TestDb::empty().await?;
     let pool = db.pool()?;
-    let v1 = tandem_store::MIGRATIONS
-        .iter()
-        .find(|m| m.version == 1)
-        .context("V1")?;
     {
         // What `migrate` did before V2 existed.
+        migrate_up_to(&pool, 1).await?;
         let c = pool.get().await?;
-        c.batch_execute(
-            "CREATE TABLE tandem_schema_migrations (
-                 version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await?;
-        c.batch_execute(v1.sql).await?;
-        c.execute(
-            "INSERT INTO tandem_schema_migrations (version, name, checksum) VALUES (1, $1, $2)",
-            &[&v1.name, &v1.checksum()],
-        )
-        .await?;
         c.execute(
             "INSERT INTO outbox (event_id, run_id, event_type, org_id, workspace_id, dedupe_id, payload)
              VALUES (gen_random_uuid(), 'r-old', 'automation_v2.run.failed', 'o', 'w', 'k-old', '{}')",
@@ -318,6 +338,54 @@ async fn v2_migration_applies_over_v1_and_keeps_v1_rows_as_events() -> anyhow::R
             .await;
         ensure!(r.is_err(), "{kind} row with queue {queue:?} accepted");
     }
+    drop(c);
+    drop(pool);
+    db.drop_db().await
+}
+
+#[tokio::test]
+async fn v8_migration_backfills_the_runtime_budget_of_claimed_runs() -> anyhow::Result<()> {
+    let db = TestDb::empty().await?;
+    let pool = db.pool()?;
+    {
+        // The schema as V7 left it, with runs written by a V7 build.
+        migrate_up_to(&pool, 7).await?;
+        let c = pool.get().await?;
+        for (id, status, budget) in [
+            ("running-budget", "running", true),
+            ("pausing-budget", "pausing", true),
+            ("running-none", "running", false),
+            ("queued-budget", "queued", true),
+        ] {
+            let execution = if budget {
+                json!({"max_total_runtime_ms": 1000})
+            } else {
+                json!({})
+            };
+            let doc = json!({"run_id": id, "automation_snapshot": {"execution": execution}});
+            c.execute(
+                "INSERT INTO runs (run_id, automation_id, org_id, workspace_id, status,
+                                   created_at_ms, updated_at_ms, activity_at_ms, doc)
+                 VALUES ($1, 'a', 'o', 'w', $2, 1, 1, 1, $3)",
+                &[&id, &status, &doc],
+            )
+            .await?;
+        }
+    }
+    let report = tandem_store::migrate(&pool).await?;
+    assert_eq!(report.applied, [8]);
+    let c = pool.get().await?;
+    let flagged: Vec<String> = c
+        .query(
+            "SELECT run_id FROM runs WHERE has_runtime_budget ORDER BY run_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Claimed runs now; the queued one gets its flag when its claim writes the row.
+    assert_eq!(flagged, ["pausing-budget", "running-budget"]);
     drop(c);
     drop(pool);
     db.drop_db().await
@@ -794,20 +862,8 @@ async fn cases_35_36_launch_hold_in_the_claim_and_launch_after_override() -> any
     tandem_store::pause_agent_spend(&pool, &agent_scope_key(&tenant, "agent-spend"), Some("cap"))
         .await?;
     let now = db_now(&pool).await?;
-    tandem_store::create_run(
-        &pool,
-        &queued("held", &held_spec, now),
-        &Effects::default(),
-        &settings(),
-    )
-    .await?;
-    tandem_store::create_run(
-        &pool,
-        &queued("free", &free_spec, now + 1),
-        &Effects::default(),
-        &settings(),
-    )
-    .await?;
+    create_queued(&pool, "held", &held_spec, now).await?;
+    create_queued(&pool, "free", &free_spec, now + 1).await?;
 
     let report = claim_plain(&pool, 8, 64).await?;
     match &report.items[0].result {
@@ -1510,13 +1566,7 @@ async fn tick_pauses_a_run_over_its_runtime_budget_and_sends_a_cancel_hint() -> 
     });
     tandem_store::upsert_automation(&pool, &spec).await?;
     let now = db_now(&pool).await?;
-    tandem_store::create_run(
-        &pool,
-        &queued("r1", &spec, now),
-        &Effects::default(),
-        &settings(),
-    )
-    .await?;
+    create_queued(&pool, "r1", &spec, now).await?;
     let mut cancels = bus
         .client
         .subscribe(tandem_bus::cancel_subject(&bus.prefix, "r1"))
@@ -1590,6 +1640,50 @@ async fn tick_reads_only_runs_it_could_change() -> anyhow::Result<()> {
             .is_empty(),
         "the run with recent activity was not read"
     );
+
+    // Fresh activity but a runtime budget, on the run's snapshot or on the live definition:
+    // read (and found from columns, never by parsing a claimed run's document).
+    let budget = Some(tandem_core::AutomationExecutionPolicy {
+        max_total_runtime_ms: Some(3_600_000),
+        ..Default::default()
+    });
+    let mut snap = chain_spec("auto-snap-budget", 1);
+    snap.execution = budget.clone();
+    let mut live = chain_spec("auto-live-budget", 1);
+    create_queued(&pool, "snap", &snap, now + 2).await?;
+    create_queued(&pool, "live", &live, now + 3).await?;
+    live.execution = budget;
+    tandem_store::upsert_automation(&pool, &live).await?;
+    assert_eq!(
+        claimed_ids(&claim_plain(&pool, 8, 10).await?),
+        ["snap", "live"]
+    );
+    let due = tandem_store::claimed_run_ids_to_tick(&pool, 30_000, 100).await?;
+    assert_eq!(
+        due,
+        ["idle", "live", "snap"],
+        "idle is still silent; busy is not due"
+    );
+    let c = pool.get().await?;
+    let plan: Vec<String> = c
+        .query(
+            &format!(
+                "EXPLAIN (VERBOSE) {}",
+                tandem_store::claimed_run_ids_to_tick_sql()
+                    .replace("$1", "60000")
+                    .replace("$2", "100")
+            ),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ensure!(
+        !plan.iter().any(|l| l.contains("r.doc")),
+        "the tick query reads run documents: {plan:#?}"
+    );
+    drop(c);
     bus.cleanup().await?;
     drop(pool);
     db.drop_db().await
@@ -1750,13 +1844,7 @@ async fn scheduler_binaries_run_three_node_flows_to_completed_and_survive_a_repl
     for (i, id) in runs.iter().enumerate() {
         let mut spec = spec.clone();
         spec.workspace_root = Some(format!("/srv/e2e/{i}"));
-        tandem_store::create_run(
-            &pool,
-            &queued(id, &spec, now + i as u64),
-            &Effects::default(),
-            &settings(),
-        )
-        .await?;
+        create_queued(&pool, id, &spec, now + i as u64).await?;
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -1921,13 +2009,7 @@ async fn scheduler_and_real_worker_binaries_complete_a_flow_with_a_repair() -> a
     );
     tandem_store::upsert_automation(&pool, &spec).await?;
     let now = db_now(&pool).await?;
-    tandem_store::create_run(
-        &pool,
-        &queued("rw-1", &spec, now),
-        &Effects::default(),
-        &settings(),
-    )
-    .await?;
+    create_queued(&pool, "rw-1", &spec, now).await?;
 
     let result = async {
         let sport = free_port()?;

@@ -56,8 +56,9 @@ pub use retention::{
     prune_heavy_values, prune_published_outbox, prune_terminal_runs,
 };
 pub use runs::{
-    CLAIM_QUEUED_SQL, claim_queued, claimed_run_ids_to_tick, create_run, get_run, get_stored_run,
-    list_runs_by_status, next_action_at, next_gate_action_at, touch_activity,
+    CLAIM_QUEUED_SQL, claim_queued, claimed_run_ids_to_tick, claimed_run_ids_to_tick_sql,
+    create_run, get_run, get_stored_run, list_runs_by_status, next_action_at, next_gate_action_at,
+    touch_activity,
 };
 pub use spend::{
     RunSpend, SPEND_LOCK_KEY, SpendApplied, SpendInputs, SpendPauseRow, SpendPlan,

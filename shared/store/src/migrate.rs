@@ -62,6 +62,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cheaper_claims",
         sql: include_str!("../migrations/V7__cheaper_claims.sql"),
     },
+    Migration {
+        version: 8,
+        name: "runtime_budget_column",
+        sql: include_str!("../migrations/V8__runtime_budget_column.sql"),
+    },
 ];
 
 /// The schema version this build needs.

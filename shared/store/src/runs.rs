@@ -26,6 +26,8 @@ pub(crate) struct HotColumns {
     pub updated_at_ms: i64,
     pub next_action_at_ms: Option<i64>,
     pub stop_kind: Option<&'static str>,
+    /// The snapshot sets `execution.max_total_runtime_ms` (see [`claimed_run_ids_to_tick`]).
+    pub has_runtime_budget: bool,
 }
 
 impl HotColumns {
@@ -43,6 +45,11 @@ impl HotColumns {
             updated_at_ms: ms_to_db(run.updated_at_ms, "updated_at_ms")?,
             next_action_at_ms: opt_ms_to_db(next_action_at(run, settings), "next_action_at_ms")?,
             stop_kind: run.stop_kind.map(|k| k.as_str()),
+            has_runtime_budget: run
+                .automation_snapshot
+                .as_ref()
+                .and_then(|s| s.execution.as_ref())
+                .is_some_and(|e| e.max_total_runtime_ms.is_some()),
         })
     }
 }
@@ -78,8 +85,8 @@ pub async fn create_run(
         .prepare_cached(&format!(
             "INSERT INTO runs (run_id, automation_id, org_id, workspace_id, status, lease_epoch,
                                workspace_root, created_at_ms, updated_at_ms, activity_at_ms,
-                               next_action_at_ms, stop_kind, doc)
-             VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8, {DB_NOW_MS}, $9, $10, $11)
+                               next_action_at_ms, stop_kind, doc, has_runtime_budget)
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8, {DB_NOW_MS}, $9, $10, $11, $12)
              RETURNING activity_at_ms, {DB_NOW_MS}"
         ))
         .await?;
@@ -98,6 +105,7 @@ pub async fn create_run(
                 &hot.next_action_at_ms,
                 &hot.stop_kind,
                 &doc,
+                &hot.has_runtime_budget,
             ],
         )
         .await?;
@@ -294,10 +302,28 @@ pub async fn next_gate_action_at(pool: &Pool) -> Result<Option<Millis>, StoreErr
     opt_ms_from_db(v, "next_action_at_ms")
 }
 
+/// The statement of [`claimed_run_ids_to_tick`] (`$1` idle ms, `$2` limit); public for `EXPLAIN`
+/// tests.
+pub fn claimed_run_ids_to_tick_sql() -> String {
+    format!(
+        "SELECT r.run_id FROM runs r
+          WHERE r.status IN ('running', 'pausing')
+            AND (r.activity_at_ms < {DB_NOW_MS} - $1
+                 OR r.has_runtime_budget
+                 OR r.automation_id IN (
+                        SELECT automation_id FROM automations
+                         WHERE jsonb_typeof(spec -> 'execution' -> 'max_total_runtime_ms')
+                               = 'number'))
+          ORDER BY r.run_id LIMIT $2"
+    )
+}
+
 /// Ids of the runs holding a claim (`running` or `pausing`) that a periodic re-evaluation can
 /// change, in id order: runs whose automation (live definition or the run's snapshot) sets
 /// `execution.max_total_runtime_ms`, and runs without worker activity for `idle_ms` (the safety
-/// net for a run left with nothing dispatched).
+/// net for a run left with nothing dispatched). Reads columns only: the snapshot's budget is the
+/// `has_runtime_budget` column and the live definitions with a budget are found once (migration
+/// V8; parsing every claimed run's document took 0.5 s per call at 100k claimed runs).
 pub async fn claimed_run_ids_to_tick(
     pool: &Pool,
     idle_ms: i64,
@@ -306,16 +332,7 @@ pub async fn claimed_run_ids_to_tick(
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let client = pool.get().await?;
     let stmt = client
-        .prepare_cached(&format!(
-            "SELECT r.run_id FROM runs r
-               LEFT JOIN automations a ON a.automation_id = r.automation_id
-              WHERE r.status IN ('running', 'pausing')
-                AND (r.activity_at_ms < {DB_NOW_MS} - $1
-                     OR jsonb_typeof(a.spec->'execution'->'max_total_runtime_ms') = 'number'
-                     OR jsonb_typeof(r.doc->'automation_snapshot'->'execution'
-                                     ->'max_total_runtime_ms') = 'number')
-              ORDER BY r.run_id LIMIT $2"
-        ))
+        .prepare_cached(&claimed_run_ids_to_tick_sql())
         .await?;
     client
         .query(&stmt, &[&idle_ms, &limit])

@@ -95,13 +95,14 @@ const UPDATE_RUNS_SQL: &str = "
            created_at_ms = u.created_at_ms, updated_at_ms = u.updated_at_ms,
            activity_at_ms = CASE WHEN u.bump_activity THEN greatest(r.activity_at_ms, $14)
                                  ELSE r.activity_at_ms END,
-           next_action_at_ms = u.next_action_at_ms, stop_kind = u.stop_kind, doc = u.doc
+           next_action_at_ms = u.next_action_at_ms, stop_kind = u.stop_kind, doc = u.doc,
+           has_runtime_budget = u.has_runtime_budget
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
                   $7::text[], $8::bigint[], $9::bigint[], $10::bool[], $11::bigint[],
-                  $12::text[], $13::jsonb[])
+                  $12::text[], $13::jsonb[], $15::bool[])
            AS u(run_id, automation_id, org_id, workspace_id, status, lease_epoch,
                 workspace_root, created_at_ms, updated_at_ms, bump_activity,
-                next_action_at_ms, stop_kind, doc)
+                next_action_at_ms, stop_kind, doc, has_runtime_budget)
      WHERE r.run_id = u.run_id";
 
 const INSERT_LIFECYCLE_SQL: &str = "
@@ -248,6 +249,7 @@ pub(crate) async fn write_runs(
     let bump_activity: Vec<bool> = writes.iter().map(|w| w.bump_activity).collect();
     let next_action: Vec<Option<i64>> = writes.iter().map(|w| w.hot.next_action_at_ms).collect();
     let stop_kinds: Vec<Option<&str>> = writes.iter().map(|w| w.hot.stop_kind).collect();
+    let budgets: Vec<bool> = writes.iter().map(|w| w.hot.has_runtime_budget).collect();
     let docs: Vec<&Json<Box<RawValue>>> = writes.iter().map(|w| &w.doc).collect();
     let records: Vec<RunRecords<'_>> = writes
         .iter()
@@ -261,7 +263,7 @@ pub(crate) async fn write_runs(
 
     let update = tx.prepare_cached(UPDATE_RUNS_SQL).await?;
     let statements = columns.prepare(tx).await?;
-    let update_params: [&(dyn ToSql + Sync); 14] = [
+    let update_params: [&(dyn ToSql + Sync); 15] = [
         &run_ids,
         &automation_ids,
         &org_ids,
@@ -276,6 +278,7 @@ pub(crate) async fn write_runs(
         &stop_kinds,
         &docs,
         &now,
+        &budgets,
     ];
     let (updated_rows, inserted) = futures::join!(
         tx.execute(&update, &update_params),
